@@ -1,0 +1,446 @@
+// Fused knowledge-distillation loss for CPU tensors.
+//
+// One at::parallel_for over rows (token positions); a thread handles whole rows.
+// Sweep 1 walks a row in blocks of kBlock entries: each block of student and teacher
+// logits is loaded once from memory (converted to fp32 and divided by T), and while it
+// is in L1 its exponentials are taken against the running maxima (an online softmax:
+// sums are rescaled when a maximum grows). The scaled logits and exponentials stay in
+// a per-thread scratch that fits L2, so the later sweeps (the jsd mixture term, and the
+// gradient, written with streaming stores) never touch the inputs again.
+// The Python layer (kdfast/backends/cpu_ext.py) has already validated every input.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <sys/mman.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <tuple>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kLanes = Vec::size();
+constexpr int64_t kBlock = 1024;  // entries per block of sweep 1; a multiple of kLanes
+constexpr int64_t kPrefetchBytes = 1024;  // measured: 1-2% better than 4096 or 8192, 10% better than none
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+
+struct LossParams {
+  float temperature;
+  float inv_temperature;
+  float beta;
+  int64_t ignore_index;
+  int64_t vocab;
+  int64_t vocab_padded;  // vocab rounded up to whole blocks
+  float coef_kd;         // d(total loss)/d(row divergence), already divided by the reduction's count
+  float coef_ce;         // d(total loss)/d(row cross-entropy)
+};
+
+// Rows of a (B, M, V) tensor whose last dimension has unit stride.
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t rows_per_batch, stride_b, stride_m;
+  explicit Rows(const at::Tensor& t)
+      : base(static_cast<T*>(t.data_ptr())),
+        rows_per_batch(t.size(1)),
+        stride_b(t.stride(0)),
+        stride_m(t.stride(1)) {}
+  T* row(int64_t r) const {
+    return base + (r / rows_per_batch) * stride_b + (r % rows_per_batch) * stride_m;
+  }
+};
+
+inline Vec load_float(const float* p) { return Vec::loadu(p); }
+template <typename T>
+inline Vec load_float(const T* p) {
+  Vec out;
+  at::vec::load_to_float<T>(p, out);
+  return out;
+}
+
+// Stores one vector of gradient; streaming (non-temporal) stores skip the read of the
+// destination line that a normal store of a cold line costs.
+inline void store_grad(float* p, Vec v, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream) return _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (stream) return _mm256_stream_ps(p, v);
+#endif
+  v.store(p);
+}
+template <typename T>
+inline void store_grad(T* p, Vec v, bool stream) {
+  const auto packed = at::vec::convert_from_float<T>(v, v);  // the first kLanes entries hold v
+#if defined(CPU_CAPABILITY_AVX512)
+  if (stream) return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (stream) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+#endif
+  packed.store(p, kLanes);
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+inline float hmax(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
+}
+inline float hsum(Vec v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
+}
+
+// Writes src[0:n] as fp32 into dst[0:kBlock], padded with -inf, and returns the block
+// maximum (NaN if any entry is NaN). Logits stay unscaled: x - max is exact for the
+// entries that matter, and is divided by T only afterwards, so huge logits lose nothing.
+template <typename T>
+float stage_block(const T* src, int64_t n, float* dst) {
+  Vec vmax(-kInf);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    // Rows start at new pages, where the hardware prefetcher stalls: run ahead of it.
+    __builtin_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes);
+    const Vec x = load_float(src + i);
+    x.store(dst + i);
+    vmax = at::vec::maximum(vmax, x);
+  }
+  if (i < kBlock) {
+    for (int64_t j = i; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+    for (int64_t j = n; j < kBlock; ++j) dst[j] = -kInf;
+    for (; i < kBlock; i += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(dst + i));
+  }
+  return hmax(vmax);
+}
+
+// Per-thread scratch for one row: logits, the exponentials exp((x - shift) / T) against
+// the running shift (maximum) at their block, and those shifts. Forward KL without hard
+// labels needs no logits after sweep 1, so they are staged a block at a time in L1
+// (block_s, block_t) instead of kept for the whole row.
+struct Scratch {
+  std::unique_ptr<float[]> mem;
+  float *xs, *xt, *es, *et, *ref_s, *ref_t, *block_s, *block_t;
+  explicit Scratch(int64_t padded) : mem(new float[4 * padded + 2 * (padded / kBlock) + 2 * kBlock]) {
+    xs = mem.get();
+    xt = xs + padded;
+    es = xt + padded;
+    et = es + padded;
+    ref_s = et + padded;
+    ref_t = ref_s + padded / kBlock;
+    block_s = ref_t + padded / kBlock;
+    block_t = block_s + kBlock;
+  }
+};
+
+// Everything is kept relative to the row maxima ("shifts"), so that the divergence is a
+// sum of small terms instead of a difference of two log-sum-exps of the size of the logits.
+struct RowStats {
+  float shift_s = 0, shift_t = 0;  // running maxima of s and t; 0 while the row is all -inf so far
+  bool seen_s = false, seen_t = false;
+  double zs = 0, zt = 0;  // sum exp((x - shift) / T)
+  double w = 0;           // forward: sum e_t (a_t - a_s); reverse: sum e_s (a_s - a_t); a = (x - shift) / T
+  double z1 = 0;          // hard labels: sum exp(s - shift_s), at T = 1
+  float log_zs = 0, log_zt = 0, log_z1 = 0, kd = 0, kl_student_mix = 0;
+};
+
+// Sweep 1. Returns false if the row has no softmax (NaN, +inf, or only -inf).
+template <int64_t DIV, bool HARD, typename S, typename T>
+bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParams& p, RowStats& st) {
+  constexpr bool kKeepLogits = DIV != kForwardKL || HARD;
+  const Vec zero(0.f), inv_temp(p.inv_temperature);
+  for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
+    const int64_t n = std::min(kBlock, p.vocab - b);
+    float* x_s = kKeepLogits ? sc.xs + b : sc.block_s;
+    float* x_t = kKeepLogits ? sc.xt + b : sc.block_t;
+    const float bm_s = stage_block(s_row + b, n, x_s);
+    const float bm_t = stage_block(t_row + b, n, x_t);
+    if (std::isnan(bm_s) || std::isnan(bm_t) || bm_s == kInf || bm_t == kInf) return false;
+    // A larger maximum: move the shifts, rescaling what was summed against the old ones
+    // (nothing was, while a side has seen only -inf).
+    const bool grow_s = bm_s != -kInf && (!st.seen_s || bm_s > st.shift_s);
+    const bool grow_t = bm_t != -kInf && (!st.seen_t || bm_t > st.shift_t);
+    if (grow_s || grow_t) {
+      const float new_s = grow_s ? bm_s : st.shift_s, new_t = grow_t ? bm_t : st.shift_t;
+      const double da_s = (static_cast<double>(new_s) - st.shift_s) * p.inv_temperature;
+      const double da_t = (static_cast<double>(new_t) - st.shift_t) * p.inv_temperature;
+      const double f_s = st.seen_s ? std::exp(-da_s) : 0.0, f_t = st.seen_t ? std::exp(-da_t) : 0.0;
+      if constexpr (DIV == kForwardKL) st.w = f_t * (st.w - st.zt * (da_t - da_s));
+      if constexpr (DIV == kReverseKL) st.w = f_s * (st.w - st.zs * (da_s - da_t));
+      if constexpr (HARD) st.z1 *= st.seen_s ? std::exp(static_cast<double>(st.shift_s) - new_s) : 0.0;
+      st.zs *= f_s;
+      st.zt *= f_t;
+      st.shift_s = new_s;
+      st.shift_t = new_t;
+      st.seen_s |= grow_s;
+      st.seen_t |= grow_t;
+    }
+    sc.ref_s[blk] = st.seen_s ? st.shift_s : -kInf;
+    sc.ref_t[blk] = st.seen_t ? st.shift_t : -kInf;
+    const Vec ms(st.shift_s), mt(st.shift_t);
+    Vec vzs(0.f), vzt(0.f), vw(0.f), vz1(0.f);
+    for (int64_t i = 0; i < kBlock; i += kLanes) {
+      const Vec ds = Vec::loadu(x_s + i) - ms, dt = Vec::loadu(x_t + i) - mt;
+      const Vec as = ds * inv_temp, at = dt * inv_temp;
+      const Vec es = as.exp_u20(), et = at.exp_u20();
+      es.store(sc.es + b + i);
+      et.store(sc.et + b + i);
+      vzs += es;
+      vzt += et;
+      // 0 * log 0 = 0: entries with zero weight contribute nothing, even at -inf.
+      if constexpr (DIV == kForwardKL) vw += Vec::blendv(zero, et * (at - as), et > zero);
+      if constexpr (DIV == kReverseKL) vw += Vec::blendv(zero, es * (as - at), es > zero);
+      if constexpr (HARD) vz1 += ds.exp_u20();
+    }
+    st.zs += hsum(vzs);
+    st.zt += hsum(vzt);
+    if constexpr (DIV != kJSD) st.w += hsum(vw);
+    if constexpr (HARD) st.z1 += hsum(vz1);
+  }
+  if (!st.seen_s || !st.seen_t) return false;
+  st.log_zs = static_cast<float>(std::log(st.zs));
+  st.log_zt = static_cast<float>(std::log(st.zt));
+  // KL(p_t || p_s) = E_t[a_t - a_s] - log zt + log zs (the shifts cancel), and symmetrically.
+  if constexpr (DIV == kForwardKL) st.kd = static_cast<float>(st.w / st.zt - std::log(st.zt) + std::log(st.zs));
+  if constexpr (DIV == kReverseKL) st.kd = static_cast<float>(st.w / st.zs - std::log(st.zs) + std::log(st.zt));
+  if constexpr (HARD) st.log_z1 = static_cast<float>(std::log(st.z1));
+  return true;
+}
+
+// Normalised probabilities of block blk: p = e * exp((ref - shift) / T) / z.
+inline Vec block_scale(const float* ref, int64_t blk, float shift, double z, float inv_temperature) {
+  return Vec(static_cast<float>(std::exp((static_cast<double>(ref[blk]) - shift) * inv_temperature) / z));
+}
+
+// Sweep 2, jsd only: the mixture m = beta p_t + (1 - beta) p_s needs both normalisers first.
+// log m is stored over xt, which the jsd gradient no longer needs.
+void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
+  const Vec zero(0.f), beta(p.beta), one_minus_beta(1.f - p.beta), inv_temp(p.inv_temperature);
+  const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
+  double kl_t = 0, kl_s = 0;
+  for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
+    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature);
+    Vec vt(0.f), vs(0.f);
+    for (int64_t i = b; i < b + kBlock; i += kLanes) {
+      const Vec ps = Vec::loadu(sc.es + i) * scale_s, pt = Vec::loadu(sc.et + i) * scale_t;
+      const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
+      const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp - log_zt;
+      const Vec mix = beta * pt + one_minus_beta * ps;
+      const Vec log_mix = mix.log();
+      log_mix.store(sc.xt + i);
+      // mix > 0 also drops entries whose mixture underflowed (their weight is < 1e-38).
+      const Vec live = mix > zero;
+      vt += Vec::blendv(zero, pt * (lpt - log_mix), live & (pt > zero));
+      vs += Vec::blendv(zero, ps * (lps - log_mix), live & (ps > zero));
+    }
+    kl_t += hsum(vt);
+    kl_s += hsum(vs);
+  }
+  st.kl_student_mix = static_cast<float>(kl_s);
+  st.kd = static_cast<float>(p.beta * kl_t + (1.0 - p.beta) * kl_s);
+}
+
+// Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype.
+template <int64_t DIV, bool HARD, typename S>
+void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad) {
+  const Vec zero(0.f), inv_temp(p.inv_temperature), kd(st.kd), kl_s(st.kl_student_mix);
+  const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
+  const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
+  const Vec coef_ce(p.coef_ce), one_minus_beta(1.f - p.beta);
+  const bool stream = reinterpret_cast<uintptr_t>(grad) % (kLanes * sizeof(S)) == 0;
+  for (int64_t b = 0, blk = 0; b < p.vocab; b += kBlock, ++blk) {
+    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature);
+    for (int64_t i = b; i < std::min(b + kBlock, p.vocab); i += kLanes) {
+      const Vec ps = Vec::loadu(sc.es + i) * scale_s;
+      Vec d;
+      if constexpr (DIV == kForwardKL) {
+        d = ps - Vec::loadu(sc.et + i) * scale_t;
+      } else if constexpr (DIV == kReverseKL) {
+        const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
+        const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp - log_zt;
+        d = Vec::blendv(zero, ps * (lps - lpt - kd), ps > zero);
+      } else {
+        const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs, log_mix = Vec::loadu(sc.xt + i);
+        const Vec live = (ps > zero) & (log_mix > Vec(-kInf));
+        d = Vec::blendv(zero, one_minus_beta * ps * (lps - log_mix - kl_s), live);
+      }
+      Vec g = d * coef_kd;
+      if constexpr (HARD) {
+        // softmax(s) at T = 1 minus the one-hot label.
+        Vec p1 = (Vec::loadu(sc.xs + i) - ms - log_z1).exp_u20();
+        if (static_cast<uint64_t>(label - i) < static_cast<uint64_t>(kLanes)) {
+          alignas(64) float onehot[kLanes] = {};
+          onehot[label - i] = 1.f;
+          p1 = p1 - Vec::loadu(onehot);
+        }
+        g = g + coef_ce * p1;
+      }
+      if (i + kLanes <= p.vocab) {
+        store_grad(grad + i, g, stream);
+      } else {  // the last, partial vector
+        alignas(64) float tail[kLanes];
+        g.store(tail);
+        for (int64_t j = i; j < p.vocab; ++j) grad[j] = static_cast<S>(tail[j - i]);
+      }
+    }
+  }
+}
+
+template <typename S>
+void fill_row(S* grad, int64_t n, float value) {
+  std::fill(grad, grad + n, static_cast<S>(value));
+}
+
+template <int64_t DIV, bool HARD, typename S, typename T>
+void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
+             const c10::optional<at::Tensor>& grad, const LossParams& p, float* kd_out, float* ce_out) {
+  const Rows<const S> s_rows(student);
+  const Rows<const T> t_rows(teacher);
+  const int64_t n_rows = student.size(0) * student.size(1);
+  std::unique_ptr<Rows<S>> g_rows;
+  if (grad) g_rows = std::make_unique<Rows<S>>(*grad);
+  const int64_t grain = std::max<int64_t>(1, 65536 / p.vocab_padded);
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    Scratch sc(p.vocab_padded);
+    for (int64_t r = begin; r < end; ++r) {
+      S* grad_row = g_rows ? g_rows->row(r) : nullptr;
+      const int64_t label = labels ? labels[r] : p.ignore_index;
+      if (labels && label == p.ignore_index) {  // ignored rows are not read at all
+        kd_out[r] = 0.f;
+        ce_out[r] = 0.f;
+        if (grad_row) fill_row(grad_row, p.vocab, 0.f);
+        continue;
+      }
+      RowStats st;
+      const bool label_ok = !HARD || (label >= 0 && label < p.vocab);
+      if (!online_softmax<DIV, HARD>(s_rows.row(r), t_rows.row(r), sc, p, st) || !label_ok) {
+        kd_out[r] = kNaN;
+        ce_out[r] = HARD ? kNaN : 0.f;
+        if (grad_row) fill_row(grad_row, p.vocab, kNaN);
+        continue;
+      }
+      if constexpr (DIV == kJSD) jsd_terms(sc, p, st);
+      kd_out[r] = st.kd;
+      ce_out[r] = HARD ? st.shift_s - sc.xs[label] + st.log_z1 : 0.f;
+      if (grad_row) write_gradient<DIV, HARD, S>(sc, p, st, label, grad_row);
+    }
+    stream_fence();
+  });
+}
+
+// Calls fn with a value of the C++ type of a floating dtype the CPU kernel supports.
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, const char* what, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(at::BFloat16{});
+    case at::kHalf: return fn(at::Half{});
+    default:
+      TORCH_CHECK(false, what, " must be float32, bfloat16 or float16 for the cpu backend, got ", dtype);
+  }
+}
+
+template <typename Fn>
+void dispatch_divergence(int64_t divergence, bool hard, Fn&& fn) {
+  auto with_hard = [&](auto div_tag) {
+    if (hard) {
+      fn(div_tag, std::true_type{});
+    } else {
+      fn(div_tag, std::false_type{});
+    }
+  };
+  switch (divergence) {
+    case kForwardKL: return with_hard(std::integral_constant<int64_t, kForwardKL>{});
+    case kReverseKL: return with_hard(std::integral_constant<int64_t, kReverseKL>{});
+    case kJSD: return with_hard(std::integral_constant<int64_t, kJSD>{});
+    default: TORCH_CHECK(false, "divergence code must be 0, 1 or 2, got ", divergence);
+  }
+}
+
+void check_rows_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, name, " must be (B, M, V) with unit stride along V");
+  TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), ", expected ", like.sizes());
+}
+
+// Advises the kernel to back a (fresh) gradient buffer with transparent huge pages:
+// first-touch page faults on an N x V buffer otherwise cost more than the loss itself.
+void advise_huge_pages(const at::Tensor& t) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+#endif
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
+                                              const c10::optional<at::Tensor>& labels,
+                                              const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
+                                              double temperature, int64_t divergence, double beta,
+                                              int64_t ignore_index, bool hard) {
+  check_rows_tensor(student, "student", student);
+  check_rows_tensor(teacher, "teacher", student);
+  const int64_t n_rows = student.size(0) * student.size(1);
+  const int64_t vocab = student.size(2);
+  TORCH_CHECK(vocab > 0, "vocabulary size must be positive");
+  if (labels) {
+    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == n_rows,
+                "labels must be a contiguous int64 tensor with one entry per row");
+  }
+  TORCH_CHECK(!hard || labels, "hard-label loss needs labels");
+  if (grad) {
+    check_rows_tensor(*grad, "grad", student);
+    TORCH_CHECK(grad->scalar_type() == student.scalar_type(), "grad must have the student's dtype");
+    advise_huge_pages(*grad);
+  }
+  const at::Tensor coefs_f = coefs.to(at::kFloat).contiguous();
+  TORCH_CHECK(coefs_f.numel() == 2, "coefs must hold (coef_kd, coef_ce)");
+
+  LossParams p{};
+  p.temperature = static_cast<float>(temperature);
+  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.beta = static_cast<float>(beta);
+  p.ignore_index = ignore_index;
+  p.vocab = vocab;
+  p.vocab_padded = (vocab + kBlock - 1) / kBlock * kBlock;
+  p.coef_kd = coefs_f.data_ptr<float>()[0];
+  p.coef_ce = coefs_f.data_ptr<float>()[1];
+
+  auto kd_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
+  auto ce_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
+  const int64_t* label_ptr = labels ? labels->data_ptr<int64_t>() : nullptr;
+
+  dispatch_float(student.scalar_type(), "student_logits", [&](auto s_tag) {
+    using S = decltype(s_tag);
+    dispatch_float(teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
+      using T = decltype(t_tag);
+      dispatch_divergence(divergence, hard, [&](auto div_tag, auto hard_tag) {
+        kd_rows<decltype(div_tag)::value, decltype(hard_tag)::value, S, T>(
+            student, teacher, label_ptr, grad, p, kd_out.data_ptr<float>(), ce_out.data_ptr<float>());
+      });
+    });
+  });
+  return {kd_out, ce_out};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kdfast: fused knowledge-distillation loss, CPU kernel";
+  m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
+        py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("ignore_index"), py::arg("hard"),
+        py::call_guard<py::gil_scoped_release>());
+}

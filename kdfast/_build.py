@@ -1,0 +1,70 @@
+"""Locating and building kdfast's compiled extensions.
+
+An extension is taken from the module compiled at install time when there is one
+(``KDFAST_BUILD_EXT=1 pip install --no-build-isolation .``), else JIT-compiled with
+torch's cpp_extension and ninja on first use and cached under ``$KDFAST_CACHE``
+(default ``~/.cache/kdfast``), keyed by the torch version and the build flags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+
+import torch
+
+
+def source_dir() -> Path:
+    """The C++/CUDA sources: packaged beside the module, or the repository's csrc/."""
+    packaged = Path(__file__).resolve().parent / "_csrc"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "csrc"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KDFAST_CACHE", Path.home() / ".cache" / "kdfast"))
+
+
+def cpu_capability_flags() -> tuple[str, list[str]]:
+    """Compiler flags that make ATen's Vectorized use the widest SIMD torch itself uses here."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        isa = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+        return "avx512", ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", *isa]
+    if capability == "AVX2":
+        return "avx2", ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
+    return "default", ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def load_extension(name: str, sources: list[str], *, cflags: list[str], ldflags: list[str] = (),
+                   cuda_cflags: list[str] = ()):
+    """Import kdfast.<name> if it was built at install time, else JIT-build it once and cache it."""
+    try:
+        return importlib.import_module(f"kdfast.{name}")
+    except ImportError:
+        pass
+    from torch.utils import cpp_extension
+
+    paths = [str(source_dir() / s) for s in sources]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"kdfast sources not found: {missing}")
+    # The build directory depends on everything that changes the binary, so a
+    # stale build is never loaded.
+    key = hashlib.sha256()
+    for part in [torch.__version__, *cflags, *ldflags, *cuda_cflags]:
+        key.update(part.encode())
+    for p in paths:
+        key.update(Path(p).read_bytes())
+    build_dir = cache_dir() / f"{name}-{key.hexdigest()[:16]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=name,
+        sources=paths,
+        extra_cflags=list(cflags),
+        extra_ldflags=list(ldflags),
+        extra_cuda_cflags=list(cuda_cflags),
+        build_directory=str(build_dir),
+        verbose=os.environ.get("KDFAST_VERBOSE_BUILD") == "1",
+    )

@@ -1,0 +1,272 @@
+"""kdfast's public loss API: argument checks, row layout, reductions.
+
+Every argument is checked here, before any kernel runs, with an error that names the
+argument and what was expected. The kernels then see (B, M, V) row views with unit
+stride along V (kdfast.backends describes that contract).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from .backends import DIVERGENCE_CODES, FORWARD_KL, REVERSE_KL, KernelParams
+from .dispatch import BACKENDS, resolve_backend
+from .ops import KDLossFunction
+
+DIVERGENCES = tuple(DIVERGENCE_CODES)
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class KDLossParts(NamedTuple):
+    """The result of ``kd_loss(..., return_parts=True)``.
+
+    ``loss`` = soft_weight * kd + hard_weight * hard and carries the gradient; ``kd``
+    (the divergence, times T**2 when scale_t2) and ``hard`` (the cross-entropy on hard
+    labels at T = 1) are detached, reduced the same way, for logging.
+    """
+
+    loss: Tensor
+    kd: Tensor
+    hard: Tensor
+
+
+def _check_number(name: str, value, expected: str, ok) -> float:
+    """value as a float, if it is a finite real number for which ok(value) holds."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number {expected}, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be finite and {expected}, got {value}")
+    return value
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The keyword options of kd_loss, validated once (KDLoss and the fused-linear loss keep one)."""
+
+    temperature: float = 1.0
+    divergence: str = "forward_kl"
+    beta: float = 0.5
+    ignore_index: int = -100
+    reduction: str = "batchmean"
+    scale_t2: bool = True
+    hard_weight: float = 0.0
+    soft_weight: float = 1.0
+    vocab_size: Optional[int] = None
+    inplace_backward: bool = False
+    backend: str = "auto"
+
+    def __post_init__(self):
+        set_ = object.__setattr__  # frozen: store the normalised values
+        set_(self, "temperature", _check_number("temperature", self.temperature, "> 0", lambda v: v > 0))
+        _check_choice("divergence", self.divergence, DIVERGENCES)
+        set_(self, "beta", _check_number("beta", self.beta, "in [0, 1]", lambda v: 0 <= v <= 1))
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        _check_choice("reduction", self.reduction, REDUCTIONS)
+        for flag in ("scale_t2", "inplace_backward"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        for weight in ("hard_weight", "soft_weight"):
+            set_(self, weight, _check_number(weight, getattr(self, weight), ">= 0", lambda v: v >= 0))
+        if self.vocab_size is not None and (isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int)
+                                            or self.vocab_size < 1):
+            raise ValueError(f"vocab_size must be None or a positive int, got {self.vocab_size!r}")
+        _check_choice("backend", self.backend, ("auto", *BACKENDS))
+
+    @property
+    def kernel_params(self) -> KernelParams:
+        divergence = DIVERGENCE_CODES[self.divergence]
+        if self.divergence == "jsd" and self.beta in (0.0, 1.0):  # the GKD / Liger convention
+            divergence = FORWARD_KL if self.beta == 0.0 else REVERSE_KL
+        return KernelParams(self.temperature, divergence, self.beta, self.ignore_index, self.hard_weight > 0)
+
+    @property
+    def kd_scale(self) -> float:
+        """What the per-row divergence is multiplied by: T**2 when scale_t2."""
+        return self.temperature**2 if self.scale_t2 else 1.0
+
+
+def _check_logits(name: str, x) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in LOGIT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or float64), "
+                        f"got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must have shape (..., V) with the vocabulary last, got a 0-d tensor")
+
+
+def _check_vocab(student: Tensor, teacher: Tensor, vocab_size: Optional[int]) -> int:
+    v_s, v_t = student.shape[-1], teacher.shape[-1]
+    if vocab_size is not None:
+        if vocab_size > min(v_s, v_t):
+            raise ValueError(f"vocab_size={vocab_size} exceeds the vocabulary of student_logits (V={v_s}) or "
+                             f"teacher_logits (V={v_t})")
+        return vocab_size
+    if v_s != v_t:
+        hint = (f"; if the first {min(v_s, v_t)} entries are the shared tokens (e.g. a padded vocabulary), pass "
+                f"vocab_size={min(v_s, v_t)} or slice the larger one with [..., :{min(v_s, v_t)}]")
+        raise ValueError(f"vocabulary sizes differ: student_logits has V={v_s}, teacher_logits has V={v_t}{hint}")
+    if v_s == 0:
+        raise ValueError("student_logits and teacher_logits have an empty vocabulary dimension (V=0)")
+    return v_s
+
+
+def _check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: int, opts: LossOptions):
+    if labels is None:
+        if opts.hard_weight > 0:
+            raise ValueError(f"hard_weight={opts.hard_weight} needs labels (the hard targets), got labels=None")
+        return None
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
+    if labels.shape != lead_shape:
+        raise ValueError(f"labels must have the logits' leading shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
+    if opts.hard_weight > 0 and not torch.compiler.is_compiling():
+        valid = ((labels >= 0) & (labels < vocab)) | (labels == opts.ignore_index)
+        if not bool(valid.all()):
+            bad = labels[~valid][0].item()
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={opts.ignore_index}; "
+                             f"found {bad}")
+    return labels
+
+
+def _leading_dims_collapse(x: Tensor, first: int) -> bool:
+    """Whether x's dims first..-2 can be merged into one dimension without a copy."""
+    dims = [(size, stride) for size, stride in zip(x.shape[first:-1], x.stride()[first:-1]) if size != 1]
+    return all(outer_stride == inner_size * inner_stride
+               for (_, outer_stride), (inner_size, inner_stride) in zip(dims, dims[1:]))
+
+
+def as_rows(*tensors: Tensor) -> list[Tensor]:
+    """(..., V) tensors of one leading shape as (B, M, V) views with unit stride along V.
+
+    All get the same (B, M): B = 1 when every tensor's leading dims merge into one, else
+    B = the first leading dim when the others merge (slices such as ``logits[:, :-1]`` of
+    a (batch, seq, V) tensor); a tensor that fits neither is copied (contiguous).
+    """
+    tensors = [t.unsqueeze(0) if t.dim() == 1 else t for t in tensors]
+    tensors = [t.contiguous() if t.stride(-1) != 1 and t.shape[-1] > 1 else t for t in tensors]
+    lead, vocab = tensors[0].shape[:-1], tensors[0].shape[-1]
+    if all(_leading_dims_collapse(t, 0) for t in tensors):
+        return [t.reshape(1, math.prod(lead), vocab) for t in tensors]
+    if all(_leading_dims_collapse(t, 1) for t in tensors):
+        return [t.reshape(lead[0], math.prod(lead[1:]), vocab) for t in tensors]
+    return [(t if _leading_dims_collapse(t, 0) else t.contiguous()).reshape(1, math.prod(lead), vocab)
+            for t in tensors]
+
+
+def compute_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor], opts: LossOptions,
+                    return_parts: bool = False):
+    """kd_loss with validated options: checks the tensors, then runs the chosen backend."""
+    _check_logits("student_logits", student_logits)
+    _check_logits("teacher_logits", teacher_logits)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)}: the leading (token) dimensions must match")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(f"student_logits are on {student_logits.device} but teacher_logits are on "
+                         f"{teacher_logits.device}")
+    vocab = _check_vocab(student_logits, teacher_logits, opts.vocab_size)
+    lead_shape = student_logits.shape[:-1]
+    labels = _check_labels(labels, lead_shape, student_logits.device, vocab, opts)
+    student, teacher = as_rows(student_logits[..., :vocab], teacher_logits.detach()[..., :vocab])
+    backend = resolve_backend(opts.backend, student.device, (student.dtype, teacher.dtype))
+    n_rows = student.shape[0] * student.shape[1]
+    if n_rows == 0:
+        backend = "torch"  # nothing to launch a kernel for
+
+    # Rows counted by the reduction, as a tensor so that no device sync is needed.
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    counted = n_rows if labels is None else labels.ne(opts.ignore_index).sum()
+    counted = torch.as_tensor(counted, dtype=dtype, device=student.device).clamp(min=1)
+    one = torch.ones((), dtype=dtype, device=student.device)
+    row_weight = {"none": one, "sum": one, "batchmean": 1 / counted, "mean": 1 / counted}[opts.reduction]
+    kd_row_weight = row_weight / vocab if opts.reduction == "mean" else row_weight
+    # d(loss)/d(row divergence) and d(loss)/d(row cross-entropy)
+    coefs = torch.stack([opts.soft_weight * opts.kd_scale * kd_row_weight, opts.hard_weight * row_weight]).to(dtype)
+
+    loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, coefs, opts.kernel_params, backend,
+                                                  opts.reduction == "none", opts.inplace_backward)
+    if opts.reduction == "none":
+        loss = loss.view(lead_shape)
+    if not return_parts:
+        return loss
+    if opts.reduction == "none":
+        kd_part, hard_part = opts.kd_scale * kd_rows.view(lead_shape), ce_rows.view(lead_shape)
+    else:
+        kd_part, hard_part = opts.kd_scale * kd_row_weight * kd_rows.sum(), row_weight * ce_rows.sum()
+    return KDLossParts(loss, kd_part, hard_part)
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
+            divergence: str = "forward_kl", beta: float = 0.5, labels: Optional[Tensor] = None,
+            ignore_index: int = -100, reduction: str = "batchmean", scale_t2: bool = True, hard_weight: float = 0.0,
+            soft_weight: float = 1.0, vocab_size: Optional[int] = None, inplace_backward: bool = False,
+            return_parts: bool = False, backend: str = "auto"):
+    """Knowledge-distillation loss between temperature-softened student and teacher distributions.
+
+    Args:
+        student_logits: (..., V) float32/bfloat16/float16 (or float64) logits; the tensor that gets a gradient.
+        teacher_logits: (..., V') logits with the same leading shape; never receives a gradient.
+        temperature: T > 0; both sides are divided by T before the softmax.
+        divergence: "forward_kl" = KL(p_t || p_s), "reverse_kl" = KL(p_s || p_t), or "jsd", the
+            generalised Jensen-Shannon divergence of TRL's GKD and Liger with mixture
+            m = beta p_t + (1 - beta) p_s; beta = 0 is exactly forward_kl and beta = 1 reverse_kl.
+        beta: jsd only, in [0, 1].
+        labels: optional (...,) int64 token ids; rows whose label is ignore_index are not counted
+            (and not read). Required when hard_weight > 0.
+        reduction: "batchmean" (sum over counted rows / their number), "sum", "mean" (sum / (rows x V),
+            torch's KLDivLoss meaning; the hard part is averaged over rows), or "none" (per-row, 0 at ignored rows).
+        scale_t2: multiply the divergence by T**2 (Hinton et al.) so gradients keep their size as T changes.
+        hard_weight: adds hard_weight * cross_entropy(student_logits at T = 1, labels).
+        soft_weight: scales the distillation part.
+        vocab_size: compare only the first vocab_size entries (e.g. a teacher with a padded vocabulary).
+        inplace_backward: let kdfast write the gradient over student_logits during the forward pass,
+            saving an N x V buffer; student_logits' values are then consumed (do not use them afterwards).
+        return_parts: return KDLossParts(loss, kd, hard), the two parts detached for logging.
+        backend: "auto", "triton", "cuda", "cpu" or "torch".
+
+    Returns:
+        A float32 scalar (float64 for float64 logits), or per-row losses of shape (...) for reduction="none".
+        The gradient is computed during the forward pass when student_logits requires grad.
+    """
+    opts = LossOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
+                       reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
+                       vocab_size=vocab_size, inplace_backward=inplace_backward, backend=backend)
+    return compute_kd_loss(student_logits, teacher_logits, labels, opts, return_parts)
+
+
+class KDLoss(torch.nn.Module):
+    """Module form of :func:`kd_loss`: ``KDLoss(temperature=2.0)(student_logits, teacher_logits, labels)``."""
+
+    def __init__(self, *, return_parts: bool = False, **options):
+        super().__init__()
+        self.options = LossOptions(**options)
+        self.return_parts = return_parts
+
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None):
+        return compute_kd_loss(student_logits, teacher_logits, labels, self.options, self.return_parts)
+
+    def extra_repr(self) -> str:
+        defaults = LossOptions()
+        changed = {k: v for k, v in vars(self.options).items() if getattr(defaults, k) != v}
+        return ", ".join(f"{k}={v!r}" for k, v in changed.items())

@@ -1,0 +1,36 @@
+"""The contract every kdfast backend implements.
+
+A backend module exposes
+
+``unavailable_reason() -> str | None``
+    why it cannot run in this process (``None`` when it can); cached, may build an extension.
+``DEVICE_TYPES`` and ``DTYPES``
+    the tensor device types and logit dtypes it accepts.
+``kd_forward(student, teacher, labels, grad, coefs, params) -> (kd_rows, ce_rows)``
+    ``student`` and ``teacher`` are (B, M, V) views with unit stride along V (any other
+    strides); ``labels`` is a contiguous int64 (B*M,) tensor or None; ``grad`` is None
+    (forward only) or a (B, M, V) tensor of the student's dtype that receives
+    ``coefs[0] * d(kd_row)/ds + coefs[1] * d(ce_row)/ds`` for every row (it may be the
+    student tensor itself); ``coefs`` is a float32 (2,) tensor on the logits' device.
+    Returns the per-row divergence (not multiplied by T**2) and the per-row hard-label
+    cross-entropy at T = 1 (zeros unless ``params.hard``), float32 (float64 for float64
+    inputs), with 0 at rows whose label is ``ignore_index``. Rows whose logits contain
+    NaN or +inf, or are all -inf, give NaN.
+
+The public API (kdfast.api) validates everything before a backend is called.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
+DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+
+
+class KernelParams(NamedTuple):
+    temperature: float
+    divergence: int  # FORWARD_KL, REVERSE_KL or JSD; jsd with beta 0 or 1 never reaches a backend
+    beta: float
+    ignore_index: int
+    hard: bool  # compute the hard-label cross-entropy (and its gradient) too

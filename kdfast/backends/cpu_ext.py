@@ -1,0 +1,35 @@
+"""The fused C++ CPU kernel (csrc/kd_cpu.cpp), JIT-built with torch's cpp_extension on first use."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._build import cpu_capability_flags, load_extension
+from . import KernelParams
+
+DEVICE_TYPES = ("cpu",)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _extension():
+    variant, isa_flags = cpu_capability_flags()
+    return load_extension(f"_kd_cpu_{variant}", ["kd_cpu.cpp"], cflags=["-O3", "-fopenmp", *isa_flags],
+                          ldflags=["-fopenmp"])
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    try:
+        _extension()
+    except Exception as exc:  # a missing compiler shows up as many different exception types
+        detail = str(exc).strip().splitlines()
+        return f"the C++ extension could not be built ({type(exc).__name__}: {detail[-1] if detail else ''})"
+    return None
+
+
+def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
+    return _extension().kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
+                                   params.beta, params.ignore_index, params.hard)

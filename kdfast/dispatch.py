@@ -1,0 +1,104 @@
+"""Backend selection: what each backend accepts, whether it works here, and what "auto" picks.
+
+"auto" picks, for CUDA tensors, ``triton`` when Triton is importable, else ``cuda``
+when its extension is built, else ``torch``; for CPU tensors ``cpu`` (the fused C++
+kernel) unless it cannot be built or the logits are float64, then ``torch``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+from typing import NamedTuple
+
+import torch
+
+_MODULES = {
+    "triton": "kdfast.backends.triton_kernels",
+    "cuda": "kdfast.backends.cuda_ext",
+    "cpu": "kdfast.backends.cpu_ext",
+    "torch": "kdfast.backends.torch_fallback",
+}
+BACKENDS = tuple(_MODULES)
+
+
+class BackendStatus(NamedTuple):
+    available: bool
+    reason: str  # why it is unavailable, or what it runs on
+
+    def __repr__(self) -> str:
+        return f"{'available' if self.available else 'unavailable'}: {self.reason}"
+
+
+def backend_module(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str) -> str | None:
+    try:
+        module = backend_module(name)
+    except ImportError as exc:
+        return f"{exc.name or exc} is not installed"
+    return module.unavailable_reason()
+
+
+def _device_types(name: str) -> tuple[str, ...] | None:
+    types = backend_module(name).DEVICE_TYPES
+    # Triton's interpreter runs its kernels on CPU tensors (used by the CPU test-suite).
+    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        types = (*types, "cpu")
+    return types
+
+
+def available_backends() -> dict[str, BackendStatus]:
+    """Every backend, with whether it works in this process and, if not, why not."""
+    status = {}
+    for name in BACKENDS:
+        reason = unavailable_reason(name)
+        if reason is None:
+            types = _device_types(name)
+            runs_on = "any device" if types is None else " and ".join(f"{t} tensors" for t in types)
+            status[name] = BackendStatus(True, f"runs on {runs_on}")
+        else:
+            status[name] = BackendStatus(False, reason)
+    return status
+
+
+_warned_fallback = False
+
+
+def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
+    global _warned_fallback
+    candidates = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
+    for name in candidates:
+        if unavailable_reason(name) is None and all(d in backend_module(name).DTYPES for d in dtypes):
+            return name
+    if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback:
+        _warned_fallback = True
+        warnings.warn(f"kdfast: the fused CPU kernel is unavailable ({unavailable_reason('cpu')}); "
+                      "using the slower pure-PyTorch backend", RuntimeWarning, stacklevel=4)
+    return "torch"
+
+
+# Under torch.compile the choice is made once, while tracing, and baked into the graph.
+@torch.compiler.assume_constant_result
+def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
+    """The backend to run: ``requested`` checked against the logits, or the choice of "auto"."""
+    if requested == "auto":
+        return _auto(device, dtypes)
+    reason = unavailable_reason(requested)
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} is unavailable: {reason}")
+    module = backend_module(requested)
+    types = _device_types(requested)
+    if types is not None and device.type not in types:
+        raise ValueError(f"backend={requested!r} runs on {' or '.join(types)} tensors, but the logits are on "
+                         f"{device}; use backend='auto'")
+    for dtype in dtypes:
+        if dtype not in module.DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in module.DTYPES)
+            raise ValueError(f"backend={requested!r} takes logits of dtype {names}, got {dtype}; "
+                             "float64 logits run on backend='torch'")
+    return requested

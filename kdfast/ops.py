@@ -1,0 +1,90 @@
+"""The torch.library custom ops and the autograd Function around them.
+
+``kdfast::kd_forward`` runs a backend over (B, M, V) row views and, when asked, writes
+the weighted gradient into a buffer at the same time (the gradient is computed in the
+forward pass, while the logits are still in cache). ``kdfast::scale_grad_`` applies
+the incoming grad_output in backward, and skips the pass when it is exactly 1 (the
+usual ``loss.backward()``). Both have fake implementations, so ``kd_loss`` works under
+``torch.compile(fullgraph=True)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backends import KernelParams
+from .dispatch import backend_module, unavailable_reason
+
+
+@torch.library.custom_op("kdfast::kd_forward", mutates_args=("grad",))
+def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad: Optional[Tensor], coefs: Tensor,
+               temperature: float, divergence: int, beta: float, ignore_index: int, hard: bool,
+               backend: str) -> tuple[Tensor, Tensor]:
+    params = KernelParams(temperature, divergence, beta, ignore_index, hard)
+    return backend_module(backend).kd_forward(student, teacher, labels, grad, coefs, params)
+
+
+@kd_forward.register_fake
+def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, ignore_index, hard, backend):
+    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    n_rows = student.shape[0] * student.shape[1]
+    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
+
+
+@torch.library.custom_op("kdfast::scale_grad_", mutates_args=("grad",))
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+    """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad."""
+    if grad_output.numel() != 1:
+        grad.mul_(grad_output.view(grad.shape[0], grad.shape[1], 1))
+    elif grad.is_cuda and unavailable_reason("triton") is None:
+        backend_module("triton").scale_grad_(grad, grad_output)  # tests for 1 on the device: no sync
+    else:
+        scale = grad_output.item()
+        if scale != 1.0:
+            grad.mul_(scale)  # a Python scale is applied in float32 even to a bf16 grad
+
+
+@scale_grad_.register_fake
+def _(grad, grad_output):
+    return None
+
+
+class KDLossFunction(torch.autograd.Function):
+    """loss = coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless ``per_row``.
+
+    The gradient is computed in forward (or not at all when no gradient is needed), kept
+    in a buffer, or in the student logits themselves when ``inplace``, and scaled by
+    grad_output in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], coefs: Tensor,
+                params: KernelParams, backend: str, per_row: bool, inplace: bool):
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = student if inplace else torch.empty_like(student, memory_format=torch.contiguous_format)
+        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
+                                      params.beta, params.ignore_index, params.hard, backend)
+        loss_rows = coefs[0].to(kd_rows.dtype) * kd_rows
+        if params.hard:
+            loss_rows = loss_rows + coefs[1].to(ce_rows.dtype) * ce_rows
+        loss = loss_rows if per_row else loss_rows.sum()
+        ctx.mark_non_differentiable(kd_rows, ce_rows)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.backward_done = False
+        return loss, kd_rows, ce_rows
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
+        if ctx.backward_done:
+            raise RuntimeError("kdfast computes the gradient of kd_loss in the forward pass and scales it in place "
+                               "in backward, so backward can run once per forward; call the loss again instead "
+                               "of using retain_graph=True")
+        ctx.backward_done = True
+        (grad,) = ctx.saved_tensors
+        scale_grad_(grad, grad_loss)
+        return grad, None, None, None, None, None, None, None

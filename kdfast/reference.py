@@ -1,0 +1,71 @@
+"""A float64 oracle for kd_loss, written from the definition with plain autograd ops.
+
+It materialises every intermediate, so it is slow and memory-hungry on purpose; the
+tests and benchmarks compare each backend with it, gradients included (via autograd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row, with 0 * log 0 = 0 (safe under autograd)."""
+    p = log_p.exp()
+    live = p > 0
+    diff = torch.where(live, log_p, 0.0) - torch.where(live, log_q, 0.0)
+    return torch.where(live, p * diff, 0.0).sum(-1)
+
+
+def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, divergence="forward_kl", beta=0.5,
+                      labels=None, ignore_index=-100, reduction="batchmean", scale_t2=True, hard_weight=0.0,
+                      soft_weight=1.0, vocab_size=None, return_parts=False, dtype=torch.float64):
+    """kd_loss computed in ``dtype`` (float64: the oracle; float32: how well plain fp32 math
+    can do on these inputs); returns (loss, kd, hard) when return_parts, like kdfast.kd_loss."""
+    s = student_logits.to(dtype)
+    t = teacher_logits.detach().to(dtype)
+    if vocab_size is not None:
+        s, t = s[..., :vocab_size], t[..., :vocab_size]
+    lead_shape, vocab = s.shape[:-1], s.shape[-1]
+    s, t = s.reshape(-1, vocab), t.reshape(-1, vocab)
+    log_ps = torch.log_softmax(s / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / temperature, dim=-1)
+
+    if divergence == "jsd" and beta in (0.0, 1.0):  # the GKD / Liger convention
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        kd = _kl_rows(log_pt, log_ps)
+    elif divergence == "reverse_kl":
+        kd = _kl_rows(log_ps, log_pt)
+    else:
+        # Where both sides are -inf the mixture is 0 and unused; a finite stand-in keeps
+        # logsumexp's gradient free of NaN there.
+        dead = (log_pt == -math.inf) & (log_ps == -math.inf)
+        log_mix = torch.logsumexp(torch.stack([torch.where(dead, 0.0, log_pt + math.log(beta)),
+                                               torch.where(dead, 0.0, log_ps + math.log(1.0 - beta))]), dim=0)
+        kd = beta * _kl_rows(log_pt, log_mix) + (1.0 - beta) * _kl_rows(log_ps, log_mix)
+    # A row holding NaN or +inf, or only -inf, has no softmax: its loss is NaN.
+    undefined = ~(torch.isfinite(s.detach().amax(-1)) & torch.isfinite(t.amax(-1)))
+    kd = torch.where(undefined, torch.nan, kd)
+
+    counted = torch.ones_like(kd, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
+    kd = torch.where(counted, kd, 0.0)
+    ce = torch.zeros_like(kd)
+    if hard_weight:
+        ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+
+    kd_scale = temperature**2 if scale_t2 else 1.0
+    n = counted.sum().clamp(min=1)
+    if reduction == "none":
+        kd_part, hard_part = kd_scale * kd.reshape(lead_shape), ce.reshape(lead_shape)
+    elif reduction == "sum":
+        kd_part, hard_part = kd_scale * kd.sum(), ce.sum()
+    elif reduction == "batchmean":
+        kd_part, hard_part = kd_scale * kd.sum() / n, ce.sum() / n
+    else:  # "mean": torch's KLDivLoss meaning, divided by rows x V; the cross-entropy by rows
+        kd_part, hard_part = kd_scale * kd.sum() / (n * vocab), ce.sum() / n
+    loss = soft_weight * kd_part + hard_weight * hard_part
+    return (loss, kd_part.detach(), hard_part.detach()) if return_parts else loss

@@ -1,0 +1,72 @@
+"""Every divergence x reduction x dtype x backend against the float64 reference, gradients included."""
+
+import pytest
+import torch
+
+import kdfast
+
+from conftest import interpreted, runnable_backends
+from helpers import make_labels, make_logits, run_and_compare
+
+BACKENDS = runnable_backends()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
+REDUCTIONS = ["batchmean", "sum", "mean", "none"]
+
+
+def shape_for(backend, device):
+    return (3, 7, 389) if interpreted(backend, device) else (4, 37, 1531)  # V not a power of two
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_reference(gen, backend, device, dtype, divergence, beta, reduction):
+    shape = shape_for(backend, device)
+    s, t = make_logits(gen, shape, dtype, device)
+    labels = make_labels(gen, shape[:-1], shape[-1], device)
+    run_and_compare(s, t, labels=labels, backend=backend, temperature=2.0, divergence=divergence, beta=beta,
+                    reduction=reduction)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature,scale_t2", [(1.0, True), (0.5, False), (4.0, True)])
+def test_hard_label_mixing(gen, backend, device, divergence, temperature, scale_t2):
+    shape = shape_for(backend, device)
+    s, t = make_logits(gen, shape, torch.float32, device)
+    labels = make_labels(gen, shape[:-1], shape[-1], device)
+    run_and_compare(s, t, labels=labels, backend=backend, temperature=temperature, divergence=divergence,
+                    scale_t2=scale_t2, hard_weight=0.7, soft_weight=0.3)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_mixed_student_teacher_dtypes(gen, backend, device):
+    shape = shape_for(backend, device)
+    s, t = make_logits(gen, shape, torch.bfloat16, device)
+    run_and_compare(s, t.float(), backend=backend, temperature=2.0)
+    run_and_compare(s.float(), t.half(), backend=backend, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("grad_scale", [1.0, 0.25])
+def test_backward_scaling_of_scalar_loss(gen, backend, device, grad_scale):
+    """The gradient computed in forward is used as is for grad_output == 1 and scaled otherwise."""
+    shape = shape_for(backend, device)
+    s, t = make_logits(gen, shape, torch.float32, device)
+    run_and_compare(s, t, backend=backend, temperature=2.0, grad_scale=torch.tensor(grad_scale, dtype=torch.float64))
+
+
+def test_backends_agree_with_each_other(gen):
+    """All backends compute the same numbers (not only each close to the reference)."""
+    s, t = make_logits(gen, (2, 9, 700), torch.float32)
+    labels = make_labels(gen, (2, 9), 700)
+    results = {}
+    for backend, device in BACKENDS:
+        loss = kdfast.kd_loss(s.to(device), t.to(device), labels=labels.to(device), backend=backend,
+                              temperature=1.5, reduction="none", divergence="jsd", beta=0.3)
+        results[(backend, device)] = loss.cpu()
+    first = next(iter(results.values()))
+    for key, value in results.items():
+        torch.testing.assert_close(value, first, rtol=2e-5, atol=1e-6, msg=f"{key} differs")

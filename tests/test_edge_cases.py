@@ -1,0 +1,242 @@
+"""Awkward inputs: -inf and huge logits, ignored rows, tiny and odd vocabularies, strided
+views, NaN/+inf, empty batches, in-place backward, vocabulary slicing, module form."""
+
+import math
+
+import pytest
+import torch
+
+import kdfast
+from conftest import runnable_backends
+from helpers import make_labels, make_logits, rel_err, run_and_compare
+from kdfast.reference import kd_loss_reference
+
+BACKENDS = runnable_backends()
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.4)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_padded_vocabulary_with_minus_inf_on_both_sides(gen, backend, device, divergence, beta):
+    s, t = make_logits(gen, (2, 5, 300), torch.float32, device)
+    s[..., 280:] = -math.inf
+    t[..., 280:] = -math.inf
+    loss, ref, _, _ = run_and_compare(s, t, backend=backend, temperature=2.0, divergence=divergence, beta=beta)
+    assert torch.isfinite(loss)
+    unpadded = kdfast.kd_loss(s[..., :280], t[..., :280], backend=backend, temperature=2.0, divergence=divergence,
+                              beta=beta)
+    torch.testing.assert_close(loss, unpadded, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_minus_inf_teacher_entries_keep_forward_kl_finite(gen, backend, device):
+    s, t = make_logits(gen, (6, 257), torch.float32, device)
+    t[:, ::3] = -math.inf  # the teacher rules these tokens out; the student does not
+    loss, _, _, _ = run_and_compare(s, t, backend=backend, temperature=1.0)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_student_ruling_out_a_teacher_token_gives_infinite_forward_kl(gen, backend, device):
+    s, t = make_logits(gen, (4, 100), torch.float32, device)
+    s[1, 7] = -math.inf
+    rows = kdfast.kd_loss(s, t, backend=backend, reduction="none")
+    assert rows[1].item() == math.inf
+    assert torch.isfinite(rows[[0, 2, 3]]).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+@pytest.mark.parametrize("offset,scale", [(3e4, 40.0), (-1e4, 1.0), (0.0, 30.0)])
+def test_huge_logits(gen, backend, device, divergence, beta, offset, scale):
+    s, t = make_logits(gen, (3, 4, 333), torch.float32, device, scale=scale)
+    run_and_compare(s + offset, t - offset, backend=backend, temperature=2.0, divergence=divergence, beta=beta,
+                    math_tol=1e-4 if scale > 10 else None)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_extreme_spread(gen, backend, device, divergence, beta):
+    """Logits spread over thousands make each softmax one-hot in fp32: the gradients are
+    then differences of log-probabilities in the thousands and can be ~1e-30, so only an
+    absolute bound, a few fp32 ulps of those log-probabilities, is meaningful; the loss is
+    still accurate and nothing is NaN."""
+    s, t = make_logits(gen, (6, 200), torch.float32, device, scale=1000.0)
+    leaf = s.clone().requires_grad_()
+    loss = kdfast.kd_loss(leaf, t, backend=backend, divergence=divergence, beta=beta)
+    loss.backward()
+    s64 = s.double().requires_grad_()
+    ref = kd_loss_reference(s64, t.double(), divergence=divergence, beta=beta)
+    ref.backward()
+    assert rel_err(loss, ref) < 1e-5
+    log_prob_range = (s.abs().max() + t.abs().max()).item() * 2  # T = 1
+    bound = 8 * 2.0**-24 * log_prob_range / s.shape[0]  # batchmean divides by the rows
+    assert (leaf.grad.double().cpu() - s64.grad).abs().max() < bound
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_all_rows_ignored(gen, backend, device, reduction):
+    s, t = make_logits(gen, (3, 50), torch.float32, device)
+    s.requires_grad_()
+    labels = torch.full((3,), -100, device=device)
+    loss = kdfast.kd_loss(s, t, labels=labels, backend=backend, reduction=reduction, hard_weight=0.5)
+    assert torch.equal(loss.detach().cpu(), torch.zeros_like(loss).cpu())
+    loss.sum().backward()
+    assert torch.equal(s.grad.cpu(), torch.zeros(3, 50))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("vocab", [1, 2, 5, 17, 1023, 1025])
+def test_small_and_odd_vocabularies(gen, backend, device, vocab):
+    s, t = make_logits(gen, (5, vocab), torch.float32, device)
+    labels = make_labels(gen, (5,), vocab, device)
+    for divergence in ("forward_kl", "reverse_kl", "jsd"):
+        loss, _, _, _ = run_and_compare(s, t, labels=labels, backend=backend, divergence=divergence,
+                                        hard_weight=0.3, temperature=1.3)
+        if vocab == 1:
+            assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_inputs(gen, backend, device):
+    s, t = make_logits(gen, (3, 9, 211), torch.bfloat16, device)
+    labels = make_labels(gen, (3, 8), 211, device)
+    # the usual causal-LM shift: logits[:, :-1] is not contiguous
+    run_and_compare(s[:, :-1], t[:, 1:], labels=labels, backend=backend, temperature=2.0, hard_weight=0.2)
+    # vocabulary not the innermost dimension in memory
+    st = s.transpose(0, 2).contiguous().transpose(0, 2)
+    run_and_compare(st, t, backend=backend, divergence="reverse_kl")
+    # every other row
+    run_and_compare(s[:, ::2], t[:, ::2], backend=backend, divergence="jsd")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_one_dimensional_logits_are_one_row(gen, backend, device):
+    s, t = make_logits(gen, (77,), torch.float32, device)
+    run_and_compare(s, t, backend=backend, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_nan_and_plus_inf_give_nan(gen, backend, device, bad):
+    s, t = make_logits(gen, (4, 64), torch.float32, device)
+    for poisoned in (s, t):
+        poisoned = poisoned.clone()
+        poisoned[2, 5] = bad
+        args = (poisoned, t) if poisoned.shape == s.shape and poisoned is not t else (s, poisoned)
+        rows = kdfast.kd_loss(*args, backend=backend, reduction="none")
+        assert math.isnan(rows[2].item())
+        assert torch.isfinite(rows[[0, 1, 3]]).all()
+        assert math.isnan(kdfast.kd_loss(*args, backend=backend).item())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_in_an_ignored_row_is_not_counted(gen, backend, device):
+    s, t = make_logits(gen, (4, 64), torch.float32, device)
+    s[1] = math.nan
+    labels = torch.tensor([3, -100, 5, 7], device=device)
+    assert torch.isfinite(kdfast.kd_loss(s, t, labels=labels, backend=backend))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+def test_empty_batch(backend, device, reduction):
+    s = torch.zeros(0, 5, 32, device=device, requires_grad=True)
+    loss = kdfast.kd_loss(s, torch.zeros(0, 5, 32, device=device), backend=backend, reduction=reduction)
+    assert loss.shape == ((0, 5) if reduction == "none" else ())
+    loss.sum().backward()
+    assert s.grad.shape == s.shape
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward_writes_the_gradient_over_the_logits(gen, backend, device, dtype):
+    s, t = make_logits(gen, (6, 301), dtype, device)
+    expected_loss, _, _, _ = run_and_compare(s, t, backend=backend, temperature=2.0)
+    reference = s.detach().clone().requires_grad_()
+    kdfast.kd_loss(reference, t, backend=backend, temperature=2.0).backward()
+
+    leaf = s.detach().clone().requires_grad_()
+    logits = leaf * 1.0  # a non-leaf, as the output of an lm_head would be
+    loss = kdfast.kd_loss(logits, t, backend=backend, temperature=2.0, inplace_backward=True)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(logits.detach(), reference.grad)  # consumed: it now holds the gradient
+    loss.backward()
+    torch.testing.assert_close(leaf.grad, reference.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_vocab_size_compares_the_shared_vocabulary(gen, backend, device):
+    s, t = make_logits(gen, (5, 230), torch.float32, device)
+    t_padded = torch.cat([t, torch.randn(5, 26, device=device)], dim=-1)
+    s_padded = torch.cat([s, torch.randn(5, 10, device=device)], dim=-1).requires_grad_()
+    loss = kdfast.kd_loss(s_padded, t_padded, vocab_size=230, backend=backend, temperature=2.0)
+    ref = kd_loss_reference(s.double(), t.double(), temperature=2.0)
+    assert rel_err(loss, ref) < 2e-5
+    loss.backward()
+    assert torch.equal(s_padded.grad[:, 230:].cpu(), torch.zeros(5, 10))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "none"])
+def test_return_parts_and_module_form(gen, backend, device, reduction):
+    s, t = make_logits(gen, (2, 6, 120), torch.float32, device)
+    labels = make_labels(gen, (2, 6), 120, device)
+    options = dict(temperature=3.0, divergence="reverse_kl", hard_weight=0.4, soft_weight=0.6, reduction=reduction)
+    parts = kdfast.kd_loss(s, t, labels=labels, backend=backend, return_parts=True, **options)
+    ref = kd_loss_reference(s.double(), t.double(), labels=labels, return_parts=True, **options)
+    for got, want in zip(parts, ref):
+        assert rel_err(got, want) < 2e-5
+    assert not parts.kd.requires_grad and not parts.hard.requires_grad
+    module = kdfast.KDLoss(backend=backend, **options)
+    torch.testing.assert_close(module(s, t, labels), parts.loss)
+    assert "reverse_kl" in repr(module)
+
+
+def test_teacher_gets_no_gradient_and_no_grad_mode_skips_the_gradient(gen):
+    s, t = make_logits(gen, (4, 50), torch.float32)
+    s.requires_grad_()
+    t.requires_grad_()
+    kdfast.kd_loss(s, t).backward()
+    assert t.grad is None and s.grad is not None
+    with torch.no_grad():
+        loss = kdfast.kd_loss(s, t)
+    assert not loss.requires_grad
+
+
+def test_second_backward_is_a_clear_error(gen):
+    s, t = make_logits(gen, (4, 50), torch.float32)
+    s.requires_grad_()
+    loss = kdfast.kd_loss(s, t)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward can run once per forward"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES + [("jsd", 0.9)])
+@pytest.mark.parametrize("hard_weight", [0.0, 0.5])
+def test_gradient_matches_finite_differences(gen, divergence, beta, hard_weight):
+    """A gradcheck by hand, in float64: central differences along random directions.
+
+    (torch.autograd.gradcheck itself needs several backward passes per forward, which the
+    gradient-in-forward design does not allow; see test_second_backward_is_a_clear_error.)
+    """
+    s, t = make_logits(gen, (3, 4, 23), torch.float64, scale=1.5)
+    labels = make_labels(gen, (3, 4), 23)
+    options = dict(labels=labels, temperature=1.7, divergence=divergence, beta=beta, hard_weight=hard_weight,
+                   backend="torch")
+    leaf = s.clone().requires_grad_()
+    kdfast.kd_loss(leaf, t, **options).backward()
+    eps = 1e-6
+    for _ in range(4):
+        u = torch.randn(s.shape, generator=gen, dtype=torch.float64)
+        numeric = (kdfast.kd_loss(s + eps * u, t, **options) - kdfast.kd_loss(s - eps * u, t, **options)) / (2 * eps)
+        analytic = (leaf.grad * u).sum()
+        assert abs(numeric.item() - analytic.item()) <= 1e-7 * max(1.0, abs(analytic.item()))
+
+
+def test_float64_inputs_run_on_the_torch_backend(gen):
+    s, t = make_logits(gen, (3, 40), torch.float64)
+    loss, ref, loss_err, grad_err = run_and_compare(s, t, backend="auto", temperature=2.0, divergence="jsd")
+    assert loss.dtype == torch.float64 and loss_err < 1e-12 and grad_err < 1e-12
