@@ -64,7 +64,10 @@ def run_and_compare(student, teacher, *, labels=None, backend, grad_scale=None, 
     fp32_floor = student.dtype != torch.float64
     loss_tol = max(base_tol, 10 * rel_err(ref32, ref)) if fp32_floor else base_tol
     grad_tol = max(base_tol, 10 * rel_err(ref32_grad, ref_grad)) if fp32_floor else base_tol
-    grad_tol += 3 * rel_err(ref_grad.to(student.dtype), ref_grad)
+    # Triton's interpreter converts fp32 to bf16/fp16 by truncation, not round-to-nearest
+    # as GPUs do: twice the rounding error.
+    rounding_factor = 6 if backend == "triton" and student.device.type == "cpu" else 3
+    grad_tol += rounding_factor * rel_err(ref_grad.to(student.dtype), ref_grad)
     loss_err, grad_err = rel_err(loss, ref), rel_err(s.grad, ref_grad)
     assert loss_err <= loss_tol, f"loss {loss.tolist()} vs reference {ref.tolist()}: relative error {loss_err:.2e}"
     assert grad_err <= grad_tol, f"gradient relative error {grad_err:.2e} > {grad_tol:.2e}"

@@ -1,0 +1,242 @@
+"""The Triton backend: the fused KD loss as one kernel launch, one program per row.
+
+Sweep 1 reads each row of student and teacher logits once, in blocks, keeping an online
+softmax for both sides (running maxima, rescaled sums). Everything is kept relative to
+the row maxima, so the divergence is a sum of small terms: for forward KL,
+KL(p_t || p_s) = E_t[a_t - a_s] - log z_t + log z_s with a = (x - max) / T.
+When a gradient is wanted, the same program sweeps the row a second time, in reverse
+block order so that the blocks it read last (most likely still in L2) are re-read first,
+and writes coefs[0] * d(kd)/ds + coefs[1] * d(ce)/ds in the student's dtype, possibly
+over the student logits themselves. jsd needs the normalisers before its mixture term,
+so it reads the row once more for the loss. Forward-only calls skip the gradient sweep.
+
+Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is
+how the CPU test-suite covers them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams
+
+DEVICE_TYPES = ("cuda",)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter)"
+    return None
+
+
+@triton.jit
+def _kd_rows_kernel(
+    s_ptr, t_ptr, g_ptr, labels_ptr, coefs_ptr, kd_out_ptr, ce_out_ptr,
+    rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m, g_stride_b, g_stride_m,
+    vocab, inv_temp, beta, ignore_index,
+    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    batch, pos = row // rows_per_batch, row % rows_per_batch
+    s_row = s_ptr + batch * s_stride_b + pos * s_stride_m
+    t_row = t_ptr + batch * t_stride_b + pos * t_stride_m
+    g_row = g_ptr + batch * g_stride_b + pos * g_stride_m
+    cols = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(vocab, BLOCK)
+    label = ignore_index
+    ignored = False
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+
+    if ignored:  # ignored rows are not read at all
+        tl.store(kd_out_ptr + row, 0.0)
+        tl.store(ce_out_ptr + row, 0.0)
+        if WRITE_GRAD:
+            for blk in range(0, n_blocks):
+                offs = blk * BLOCK + cols
+                tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty), mask=offs < vocab)
+    else:
+        # Sweep 1: online softmax of both sides against running maxima m_s, m_t. The
+        # shifts subtracted are the maxima, or 0 while a side has seen only -inf (so that
+        # exp(-inf - shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes
+        # the sums and so the row NaN.
+        m_s = tl.full([], float("-inf"), tl.float32)
+        m_t = tl.full([], float("-inf"), tl.float32)
+        acc_zs = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_zt = tl.zeros([BLOCK], dtype=tl.float32)
+        acc_w = tl.zeros([BLOCK], dtype=tl.float32)  # forward: e_t (a_t - a_s); reverse: e_s (a_s - a_t)
+        acc_z1 = tl.zeros([BLOCK], dtype=tl.float32)  # hard labels: exp(s - shift_s), T = 1
+        for blk in range(0, n_blocks):
+            offs = blk * BLOCK + cols
+            mask = offs < vocab
+            xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+            new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+            old_shift_s = tl.where(m_s > float("-inf"), m_s, 0.0)
+            old_shift_t = tl.where(m_t > float("-inf"), m_t, 0.0)
+            shift_s = tl.where(new_m_s > float("-inf"), new_m_s, 0.0)
+            shift_t = tl.where(new_m_t > float("-inf"), new_m_t, 0.0)
+            # Rescale what was summed against the old shifts (nothing was, before a max).
+            da_s = (shift_s - old_shift_s) * inv_temp
+            da_t = (shift_t - old_shift_t) * inv_temp
+            f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
+            f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
+            if DIVERGENCE == 0:
+                acc_w = f_t * (acc_w - acc_zt * (da_t - da_s))
+            if DIVERGENCE == 1:
+                acc_w = f_s * (acc_w - acc_zs * (da_s - da_t))
+            if HARD:
+                acc_z1 = acc_z1 * tl.where(m_s > float("-inf"), tl.exp(old_shift_s - shift_s), 0.0)
+            acc_zs = acc_zs * f_s
+            acc_zt = acc_zt * f_t
+            m_s = new_m_s
+            m_t = new_m_t
+
+            a_s = (xs - shift_s) * inv_temp
+            a_t = (xt - shift_t) * inv_temp
+            e_s = tl.exp(a_s)
+            e_t = tl.exp(a_t)
+            acc_zs += e_s
+            acc_zt += e_t
+            # 0 * log 0 = 0: entries with zero weight contribute nothing, even at -inf.
+            if DIVERGENCE == 0:
+                acc_w += tl.where(e_t > 0, e_t * (a_t - a_s), 0.0)
+            if DIVERGENCE == 1:
+                acc_w += tl.where(e_s > 0, e_s * (a_s - a_t), 0.0)
+            if HARD:
+                acc_z1 += tl.exp(xs - shift_s)
+
+        # A side that saw only -inf has no softmax: NaN, like torch.
+        shift_s = m_s
+        shift_t = m_t
+        nan_if_unseen = tl.where((m_s > float("-inf")) & (m_t > float("-inf")), 0.0, float("nan"))
+        z_s = tl.sum(acc_zs, axis=0)
+        z_t = tl.sum(acc_zt, axis=0)
+        log_zs = tl.log(z_s) + nan_if_unseen
+        log_zt = tl.log(z_t) + nan_if_unseen
+        kl_student_mix = 0.0
+        if DIVERGENCE == 0:
+            kd = tl.sum(acc_w, axis=0) / z_t - log_zt + log_zs
+        elif DIVERGENCE == 1:
+            kd = tl.sum(acc_w, axis=0) / z_s - log_zs + log_zt
+        else:
+            # Sweep 2 (jsd): the mixture m = beta p_t + (1 - beta) p_s needs both normalisers.
+            acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
+            acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
+            for blk in range(0, n_blocks):
+                offs = blk * BLOCK + cols
+                mask = offs < vocab
+                xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                log_ps = (xs - shift_s) * inv_temp - log_zs
+                log_pt = (xt - shift_t) * inv_temp - log_zt
+                p_s = tl.exp(log_ps)
+                p_t = tl.exp(log_pt)
+                mix = beta * p_t + (1.0 - beta) * p_s
+                log_mix = tl.log(mix)
+                # mix > 0 also drops entries whose mixture underflowed (weight < 1e-38).
+                acc_kl_t += tl.where((mix > 0) & (p_t > 0), p_t * (log_pt - log_mix), 0.0)
+                acc_kl_s += tl.where((mix > 0) & (p_s > 0), p_s * (log_ps - log_mix), 0.0)
+            kl_student_mix = tl.sum(acc_kl_s, axis=0)
+            kd = beta * tl.sum(acc_kl_t, axis=0) + (1.0 - beta) * kl_student_mix
+        tl.store(kd_out_ptr + row, kd)
+
+        label_ok = (label >= 0) & (label < vocab)
+        log_z1 = 0.0
+        if HARD:
+            log_z1 = tl.log(tl.sum(acc_z1, axis=0)) + nan_if_unseen
+            x_label = tl.load(s_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
+            tl.store(ce_out_ptr + row, shift_s + log_z1 - x_label)
+        else:
+            tl.store(ce_out_ptr + row, 0.0)
+
+        if WRITE_GRAD:
+            # Sweep 3: the gradient, last-read blocks first.
+            coef_kd = tl.load(coefs_ptr) * inv_temp  # d(s / T)/ds = 1 / T
+            coef_ce = tl.load(coefs_ptr + 1)
+            for i in range(0, n_blocks):
+                offs = (n_blocks - 1 - i) * BLOCK + cols
+                mask = offs < vocab
+                xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                log_ps = (xs - shift_s) * inv_temp - log_zs
+                p_s = tl.exp(log_ps)
+                if DIVERGENCE == 0:
+                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    d = p_s - tl.exp((xt - shift_t) * inv_temp - log_zt)
+                elif DIVERGENCE == 1:
+                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    log_pt = (xt - shift_t) * inv_temp - log_zt
+                    d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
+                else:
+                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    p_t = tl.exp((xt - shift_t) * inv_temp - log_zt)
+                    mix = beta * p_t + (1.0 - beta) * p_s
+                    live = (p_s > 0) & (mix > 0)
+                    d = (1.0 - beta) * tl.where(live, p_s * (log_ps - tl.log(mix) - kl_student_mix), 0.0)
+                g = coef_kd * d
+                if HARD:
+                    p1 = tl.exp(xs - shift_s - log_z1)  # softmax(s) at T = 1
+                    g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
+                    g += tl.where(label_ok, 0.0, float("nan"))
+                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, scale_ptr, rows_per_batch, stride_b, stride_m, vocab,
+                       PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row) if PER_ROW else tl.load(scale_ptr)
+    if scale != 1.0:  # the usual loss.backward(): nothing to do, and no host sync to find out
+        g_row = g_ptr + (row // rows_per_batch) * stride_b + (row % rows_per_batch) * stride_m
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < vocab
+        g = tl.load(g_row + offs, mask=mask).to(tl.float32)
+        tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_config(vocab: int) -> tuple[int, int]:
+    """(BLOCK, num_warps): 16 fp32 values per thread per block, at most 4096 per block."""
+    block = min(4096, triton.next_power_of_2(vocab))
+    return block, max(1, min(16, block // 256))
+
+
+def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
+    n_batch, rows_per_batch, vocab = student.shape
+    n_rows = n_batch * rows_per_batch
+    kd_rows = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    ce_rows = torch.empty_like(kd_rows)
+    block, num_warps = _launch_config(vocab)
+    g = grad if grad is not None else student  # not written when WRITE_GRAD is False
+    _kd_rows_kernel[(n_rows,)](
+        student, teacher, g, labels if labels is not None else kd_rows, coefs.float(), kd_rows, ce_rows,
+        rows_per_batch, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+        g.stride(0), g.stride(1),
+        vocab, 1.0 / params.temperature, params.beta, params.ignore_index,
+        DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
+        BLOCK=block, num_warps=num_warps,
+    )
+    return kd_rows, ce_rows
+
+
+def scale_grad_(grad, grad_output) -> None:
+    """grad *= grad_output (one value, or one per row), on the device, skipping rows scaled by 1."""
+    n_batch, rows_per_batch, vocab = grad.shape
+    block = min(4096, triton.next_power_of_2(vocab))
+    grid = (n_batch * rows_per_batch, triton.cdiv(vocab, block))
+    _scale_rows_kernel[grid](grad, grad_output.float().contiguous(), rows_per_batch, grad.stride(0), grad.stride(1),
+                             vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)
+
+
+assert (FORWARD_KL, REVERSE_KL, JSD) == (0, 1, 2)  # the kernel's DIVERGENCE codes
