@@ -2,6 +2,8 @@
 
 from .api import KDLoss, KDLossParts, LossOptions, kd_loss
 from .dispatch import available_backends
+from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 
-__all__ = ["KDLoss", "KDLossParts", "LossOptions", "available_backends", "kd_loss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossParts", "LossOptions", "available_backends",
+           "fused_linear_kd_loss", "kd_loss"]
 __version__ = "0.1.0"

@@ -110,23 +110,25 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have shape (..., V) with the vocabulary last, got a 0-d tensor")
 
 
-def _check_vocab(student: Tensor, teacher: Tensor, vocab_size: Optional[int]) -> int:
-    v_s, v_t = student.shape[-1], teacher.shape[-1]
+def check_vocab(v_s: int, v_t: int, vocab_size: Optional[int], student_name: str = "student_logits",
+                teacher_name: str = "teacher_logits") -> int:
+    """The vocabulary compared: vocab_size if given (checked), else the common V."""
     if vocab_size is not None:
         if vocab_size > min(v_s, v_t):
-            raise ValueError(f"vocab_size={vocab_size} exceeds the vocabulary of student_logits (V={v_s}) or "
-                             f"teacher_logits (V={v_t})")
+            raise ValueError(f"vocab_size={vocab_size} exceeds the vocabulary of {student_name} (V={v_s}) or "
+                             f"{teacher_name} (V={v_t})")
         return vocab_size
     if v_s != v_t:
         hint = (f"; if the first {min(v_s, v_t)} entries are the shared tokens (e.g. a padded vocabulary), pass "
-                f"vocab_size={min(v_s, v_t)} or slice the larger one with [..., :{min(v_s, v_t)}]")
-        raise ValueError(f"vocabulary sizes differ: student_logits has V={v_s}, teacher_logits has V={v_t}{hint}")
+                f"vocab_size={min(v_s, v_t)}")
+        raise ValueError(f"vocabulary sizes differ: {student_name} has V={v_s}, {teacher_name} has V={v_t}{hint}")
     if v_s == 0:
-        raise ValueError("student_logits and teacher_logits have an empty vocabulary dimension (V=0)")
+        raise ValueError(f"{student_name} and {teacher_name} have an empty vocabulary dimension (V=0)")
     return v_s
 
 
-def _check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: int, opts: LossOptions):
+def check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: int, opts: LossOptions):
+    """labels as a contiguous int64 (N,) tensor (or None), after checking them."""
     if labels is None:
         if opts.hard_weight > 0:
             raise ValueError(f"hard_weight={opts.hard_weight} needs labels (the hard targets), got labels=None")
@@ -136,9 +138,9 @@ def _check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: i
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
     if labels.shape != lead_shape:
-        raise ValueError(f"labels must have the logits' leading shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
+        raise ValueError(f"labels must have the leading (token) shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
     if labels.device != device:
-        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+        raise ValueError(f"labels are on {labels.device} but the inputs are on {device}")
     labels = labels.reshape(-1).to(torch.int64).contiguous()
     if opts.hard_weight > 0 and not torch.compiler.is_compiling():
         valid = ((labels >= 0) & (labels < vocab)) | (labels == opts.ignore_index)
@@ -174,6 +176,36 @@ def as_rows(*tensors: Tensor) -> list[Tensor]:
             for t in tensors]
 
 
+class ReductionWeights(NamedTuple):
+    """How the reduction weighs each row's divergence and cross-entropy."""
+
+    row_weight: Tensor  # 1, or 1 / (counted rows) for "batchmean" and "mean"
+    kd_row_weight: Tensor  # row_weight, and also / V for "mean"
+    coefs: Tensor  # d(loss)/d(row divergence), d(loss)/d(row cross-entropy): what the kernels weight gradients by
+
+    @staticmethod
+    def of(labels: Optional[Tensor], n_rows: int, vocab: int, opts: LossOptions, device: torch.device,
+           dtype: torch.dtype) -> "ReductionWeights":
+        # The rows counted stay a tensor, so that no device sync is needed.
+        counted = n_rows if labels is None else labels.ne(opts.ignore_index).sum()
+        counted = torch.as_tensor(counted, dtype=dtype, device=device).clamp(min=1)
+        row_weight = torch.ones((), dtype=dtype, device=device) if opts.reduction in ("none", "sum") else 1 / counted
+        kd_row_weight = row_weight / vocab if opts.reduction == "mean" else row_weight
+        coefs = torch.stack([opts.soft_weight * opts.kd_scale * kd_row_weight, opts.hard_weight * row_weight])
+        return ReductionWeights(row_weight, kd_row_weight, coefs.to(dtype))
+
+    def finish(self, loss: Tensor, kd_rows: Tensor, ce_rows: Tensor, lead_shape: torch.Size, opts: LossOptions,
+               return_parts: bool):
+        """The loss in the reduction's shape, with the detached parts when asked."""
+        if opts.reduction == "none":
+            loss = loss.view(lead_shape)
+        if not return_parts:
+            return loss
+        if opts.reduction == "none":
+            return KDLossParts(loss, opts.kd_scale * kd_rows.view(lead_shape), ce_rows.view(lead_shape))
+        return KDLossParts(loss, opts.kd_scale * self.kd_row_weight * kd_rows.sum(), self.row_weight * ce_rows.sum())
+
+
 def compute_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor], opts: LossOptions,
                     return_parts: bool = False):
     """kd_loss with validated options: checks the tensors, then runs the chosen backend."""
@@ -185,36 +217,20 @@ def compute_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
     if student_logits.device != teacher_logits.device:
         raise ValueError(f"student_logits are on {student_logits.device} but teacher_logits are on "
                          f"{teacher_logits.device}")
-    vocab = _check_vocab(student_logits, teacher_logits, opts.vocab_size)
+    vocab = check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], opts.vocab_size)
     lead_shape = student_logits.shape[:-1]
-    labels = _check_labels(labels, lead_shape, student_logits.device, vocab, opts)
+    labels = check_labels(labels, lead_shape, student_logits.device, vocab, opts)
     student, teacher = as_rows(student_logits[..., :vocab], teacher_logits.detach()[..., :vocab])
     backend = resolve_backend(opts.backend, student.device, (student.dtype, teacher.dtype))
     n_rows = student.shape[0] * student.shape[1]
     if n_rows == 0:
         backend = "torch"  # nothing to launch a kernel for
 
-    # Rows counted by the reduction, as a tensor so that no device sync is needed.
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
-    counted = n_rows if labels is None else labels.ne(opts.ignore_index).sum()
-    counted = torch.as_tensor(counted, dtype=dtype, device=student.device).clamp(min=1)
-    one = torch.ones((), dtype=dtype, device=student.device)
-    row_weight = {"none": one, "sum": one, "batchmean": 1 / counted, "mean": 1 / counted}[opts.reduction]
-    kd_row_weight = row_weight / vocab if opts.reduction == "mean" else row_weight
-    # d(loss)/d(row divergence) and d(loss)/d(row cross-entropy)
-    coefs = torch.stack([opts.soft_weight * opts.kd_scale * kd_row_weight, opts.hard_weight * row_weight]).to(dtype)
-
-    loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, coefs, opts.kernel_params, backend,
-                                                  opts.reduction == "none", opts.inplace_backward)
-    if opts.reduction == "none":
-        loss = loss.view(lead_shape)
-    if not return_parts:
-        return loss
-    if opts.reduction == "none":
-        kd_part, hard_part = opts.kd_scale * kd_rows.view(lead_shape), ce_rows.view(lead_shape)
-    else:
-        kd_part, hard_part = opts.kd_scale * kd_row_weight * kd_rows.sum(), row_weight * ce_rows.sum()
-    return KDLossParts(loss, kd_part, hard_part)
+    weights = ReductionWeights.of(labels, n_rows, vocab, opts, student.device,
+                                  torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32)
+    loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, weights.coefs, opts.kernel_params,
+                                                  backend, opts.reduction == "none", opts.inplace_backward)
+    return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,

@@ -33,7 +33,7 @@ CASES = [
     ("unknown backend", (S, T), {"backend": "tpu"}, ValueError, "backend must be one of 'auto'"),
     ("negative weight", (S, T), {"hard_weight": -1.0, "labels": LABELS}, ValueError, "hard_weight must be finite and >= 0"),
     ("hard weight without labels", (S, T), {"hard_weight": 0.5}, ValueError, "hard_weight=0.5 needs labels"),
-    ("labels wrong shape", (S, T), {"labels": LABELS[:3]}, ValueError, r"labels must have the logits' leading shape \(4,\)"),
+    ("labels wrong shape", (S, T), {"labels": LABELS[:3]}, ValueError, r"labels must have the leading \(token\) shape \(4,\)"),
     ("labels float", (S, T), {"labels": LABELS.float()}, TypeError, "labels must be an int64"),
     ("labels not a tensor", (S, T), {"labels": [1, 2, 3, 4]}, TypeError, "labels must be a torch.Tensor"),
     ("label out of range", (S, T), {"labels": torch.tensor([1, 10, 2, 3]), "hard_weight": 1.0}, ValueError,
@@ -65,7 +65,7 @@ def test_logits_on_different_devices_are_an_error():
 
 
 def test_labels_on_another_device_are_an_error():
-    with pytest.raises(ValueError, match="labels are on meta but the logits are on cpu"):
+    with pytest.raises(ValueError, match="labels are on meta but the inputs are on cpu"):
         kdfast.kd_loss(S, T, labels=torch.zeros(4, dtype=torch.long, device="meta"))
 
 
