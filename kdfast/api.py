@@ -110,6 +110,15 @@ def _check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have shape (..., V) with the vocabulary last, got a 0-d tensor")
 
 
+def check_same_tokens(student_name: str, student: Tensor, teacher_name: str, teacher: Tensor) -> None:
+    """Student and teacher tensors of shape (..., D) must cover the same tokens on one device."""
+    if student.shape[:-1] != teacher.shape[:-1]:
+        raise ValueError(f"{student_name} has shape {tuple(student.shape)} and {teacher_name} "
+                         f"{tuple(teacher.shape)}: the leading (token) dimensions must match")
+    if student.device != teacher.device:
+        raise ValueError(f"{student_name} is on {student.device} but {teacher_name} is on {teacher.device}")
+
+
 def check_vocab(v_s: int, v_t: int, vocab_size: Optional[int], student_name: str = "student_logits",
                 teacher_name: str = "teacher_logits") -> int:
     """The vocabulary compared: vocab_size if given (checked), else the common V."""
@@ -211,12 +220,7 @@ def compute_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
     """kd_loss with validated options: checks the tensors, then runs the chosen backend."""
     _check_logits("student_logits", student_logits)
     _check_logits("teacher_logits", teacher_logits)
-    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-        raise ValueError(f"student_logits has shape {tuple(student_logits.shape)} and teacher_logits "
-                         f"{tuple(teacher_logits.shape)}: the leading (token) dimensions must match")
-    if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student_logits are on {student_logits.device} but teacher_logits are on "
-                         f"{teacher_logits.device}")
+    check_same_tokens("student_logits", student_logits, "teacher_logits", teacher_logits)
     vocab = check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], opts.vocab_size)
     lead_shape = student_logits.shape[:-1]
     labels = check_labels(labels, lead_shape, student_logits.device, vocab, opts)

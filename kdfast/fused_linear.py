@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import LossOptions, ReductionWeights, check_labels, check_vocab
+from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab
 from .backends import KernelParams
 from .dispatch import resolve_backend
 from .ops import kd_forward
@@ -158,12 +158,7 @@ def compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
     """fused_linear_kd_loss with validated options: checks the tensors, then runs the chunks."""
     _check_pair("student", student_hidden, student_weight, student_bias)
     _check_pair("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
-        raise ValueError(f"student_hidden has shape {tuple(student_hidden.shape)} and teacher_hidden "
-                         f"{tuple(teacher_hidden.shape)}: the leading (token) dimensions must match")
-    if student_hidden.device != teacher_hidden.device:
-        raise ValueError(f"student_hidden is on {student_hidden.device} but teacher_hidden is on "
-                         f"{teacher_hidden.device}")
+    check_same_tokens("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")

@@ -60,7 +60,7 @@ def test_module_validates_its_options_at_construction():
 
 def test_logits_on_different_devices_are_an_error():
     meta = torch.randn(4, 10, device="meta")
-    with pytest.raises(ValueError, match="student_logits are on cpu but teacher_logits are on meta"):
+    with pytest.raises(ValueError, match="student_logits is on cpu but teacher_logits is on meta"):
         kdfast.kd_loss(S, meta)
 
 
