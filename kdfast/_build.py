@@ -1,9 +1,10 @@
 """Locating and building kdfast's compiled extensions.
 
 An extension is taken from the module compiled at install time when there is one
-(``KDFAST_BUILD_EXT=1 pip install --no-build-isolation .``), else JIT-compiled with
-torch's cpp_extension and ninja on first use and cached under ``$KDFAST_CACHE``
-(default ``~/.cache/kdfast``), keyed by the torch version and the build flags.
+(``KDFAST_BUILD_EXT=1 pip install --no-build-isolation .`` for the CPU kernel,
+``KDFAST_BUILD_CUDA=1`` for the CUDA one), else JIT-compiled with torch's cpp_extension
+and ninja on first use and cached under ``$KDFAST_CACHE`` (default ``~/.cache/kdfast``),
+keyed by the torch version, the build flags and the sources.
 """
 
 from __future__ import annotations
@@ -37,9 +38,27 @@ def cpu_capability_flags() -> tuple[str, list[str]]:
     return "default", ["-DCPU_CAPABILITY=DEFAULT"]
 
 
+# nvcc flags of csrc/kd_cuda.cu. No --use_fast_math: its approximate exp2/log2 and
+# flush-to-zero would cost the ~1e-6 relative accuracy the kernel keeps.
+CUDA_COMMON_FLAGS = ["-O3", "-std=c++17"]
+# An install-time build targets the A100 (sm_80) and the H100/H200 (sm_90), with PTX
+# that newer GPUs compile when the module loads.
+CUDA_NVCC_FLAGS = [*CUDA_COMMON_FLAGS, "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+                   "-gencode=arch=compute_90,code=compute_90"]
+
+
+def cuda_jit_flags(capability: tuple[int, int]) -> list[str]:
+    """nvcc flags of a JIT build, which targets only the GPU it runs on (one compile, not three)."""
+    arch = f"{capability[0]}{capability[1]}"
+    return [*CUDA_COMMON_FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
 def load_extension(name: str, sources: list[str], *, cflags: list[str], ldflags: list[str] = (),
-                   cuda_cflags: list[str] = ()):
-    """Import kdfast.<name> if it was built at install time, else JIT-build it once and cache it."""
+                   cuda_cflags: list[str] = (), headers: list[str] = ()):
+    """Import kdfast.<name> if it was built at install time, else JIT-build it once and cache it.
+
+    ``headers``: files of csrc/ that the sources include; they are part of the cache key.
+    """
     try:
         return importlib.import_module(f"kdfast.{name}")
     except ImportError:
@@ -47,7 +66,8 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str], ldflags:
     from torch.utils import cpp_extension
 
     paths = [str(source_dir() / s) for s in sources]
-    missing = [p for p in paths if not Path(p).is_file()]
+    header_paths = [str(source_dir() / h) for h in headers]
+    missing = [p for p in paths + header_paths if not Path(p).is_file()]
     if missing:
         raise FileNotFoundError(f"kdfast sources not found: {missing}")
     # The build directory depends on everything that changes the binary, so a
@@ -55,7 +75,7 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str], ldflags:
     key = hashlib.sha256()
     for part in [torch.__version__, *cflags, *ldflags, *cuda_cflags]:
         key.update(part.encode())
-    for p in paths:
+    for p in paths + header_paths:
         key.update(Path(p).read_bytes())
     build_dir = cache_dir() / f"{name}-{key.hexdigest()[:16]}"
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,10 @@
 "auto" picks, for CUDA tensors, ``triton`` when Triton is importable, else ``cuda``
 when its extension is built, else ``torch``; for CPU tensors ``cpu`` (the fused C++
 kernel) unless it cannot be built or the logits are float64, then ``torch``.
+
+The order of triton and cuda is provisional: no GPU measurements of the two exist yet.
+It is to be decided from the H200 benchmark (the faster one first, by shape if the
+answer depends on it), and the measurements recorded here.
 """
 
 from __future__ import annotations

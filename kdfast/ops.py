@@ -34,13 +34,22 @@ def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, igno
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
 
 
+def _device_scaler(grad: Tensor):
+    """The fused backend (triton, else cuda) whose scale_grad_ can take this grad, or None."""
+    if grad.is_cuda:
+        for name in ("triton", "cuda"):
+            if unavailable_reason(name) is None and grad.dtype in backend_module(name).DTYPES:
+                return backend_module(name)
+    return None
+
+
 @torch.library.custom_op("kdfast::scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad."""
     if grad_output.numel() != 1:
         grad.mul_(grad_output.view(grad.shape[0], grad.shape[1], 1))
-    elif grad.is_cuda and unavailable_reason("triton") is None:
-        backend_module("triton").scale_grad_(grad, grad_output)  # tests for 1 on the device: no sync
+    elif (scaler := _device_scaler(grad)) is not None:
+        scaler.scale_grad_(grad, grad_output)  # tests for 1 on the device: no sync
     else:
         scale = grad_output.item()
         if scale != 1.0:

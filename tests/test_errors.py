@@ -1,5 +1,7 @@
 """Bad input gets a clear error naming the argument and what was expected, before any kernel runs."""
 
+import re
+
 import pytest
 import torch
 
@@ -82,6 +84,13 @@ def test_cuda_backends_reject_cpu_tensors_with_a_hint():
     if kdfast.available_backends()["cuda"].available:
         with pytest.raises(ValueError, match=r"backend='cuda' runs on cuda tensors.*use backend='auto'"):
             kdfast.kd_loss(S, T, backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given where no GPU can be used")
+def test_cuda_backend_says_why_it_is_missing():
+    info = kdfast.available_backends()["cuda"]
+    assert not info.available
+    assert re.search("torch was built without CUDA|no CUDA device", info.reason), info.reason
 
 
 def test_available_backends_reports_every_backend():
