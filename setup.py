@@ -28,9 +28,9 @@ class BuildPyWithSources(build_py):
 def extensions():
     if os.environ.get("KDFAST_BUILD_EXT") != "1" and os.environ.get("KDFAST_BUILD_CUDA") != "1":
         return {}, []
-    from torch.utils import cpp_extension
-
     import importlib.util
+
+    from torch.utils import cpp_extension
 
     spec = importlib.util.spec_from_file_location("kdfast_build", ROOT / "kdfast" / "_build.py")
     build = importlib.util.module_from_spec(spec)

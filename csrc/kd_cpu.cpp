@@ -16,6 +16,8 @@
 
 #include <sys/mman.h>
 
+#include "kd_binding_checks.h"
+
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -367,12 +369,6 @@ void dispatch_divergence(int64_t divergence, bool hard, Fn&& fn) {
   }
 }
 
-void check_rows_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, name, " must be (B, M, V) with unit stride along V");
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), ", expected ", like.sizes());
-}
-
 // Advises the kernel to back a (fresh) gradient buffer with transparent huge pages:
 // first-touch page faults on an N x V buffer otherwise cost more than the loss itself.
 void advise_huge_pages(const at::Tensor& t) {
@@ -390,23 +386,11 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
                                               double temperature, int64_t divergence, double beta,
                                               int64_t ignore_index, bool hard) {
-  check_rows_tensor(student, "student", student);
-  check_rows_tensor(teacher, "teacher", student);
-  const int64_t n_rows = student.size(0) * student.size(1);
+  TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
+  const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
   const int64_t vocab = student.size(2);
-  TORCH_CHECK(vocab > 0, "vocabulary size must be positive");
-  if (labels) {
-    TORCH_CHECK(labels->scalar_type() == at::kLong && labels->is_contiguous() && labels->numel() == n_rows,
-                "labels must be a contiguous int64 tensor with one entry per row");
-  }
-  TORCH_CHECK(!hard || labels, "hard-label loss needs labels");
-  if (grad) {
-    check_rows_tensor(*grad, "grad", student);
-    TORCH_CHECK(grad->scalar_type() == student.scalar_type(), "grad must have the student's dtype");
-    advise_huge_pages(*grad);
-  }
+  if (grad) advise_huge_pages(*grad);
   const at::Tensor coefs_f = coefs.to(at::kFloat).contiguous();
-  TORCH_CHECK(coefs_f.numel() == 2, "coefs must hold (coef_kd, coef_ce)");
 
   LossParams p{};
   p.temperature = static_cast<float>(temperature);

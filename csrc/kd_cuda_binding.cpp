@@ -12,6 +12,7 @@
 #include <limits>
 #include <tuple>
 
+#include "kd_binding_checks.h"
 #include "kd_cuda.h"
 
 namespace {
@@ -23,16 +24,6 @@ int dtype_code(const at::Tensor& t, const char* name) {
   return type == at::kFloat ? KDFAST_FLOAT32 : type == at::kBFloat16 ? KDFAST_BFLOAT16 : KDFAST_FLOAT16;
 }
 
-// A (B, M, V) CUDA tensor with unit stride along V, on like's device and of its shape.
-void check_rows(const at::Tensor& t, const char* name, const at::Tensor& like) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), ", expected ", like.device());
-  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, name, " must be (B, M, V) with unit stride along V");
-  TORCH_CHECK(t.sizes() == like.sizes(), name, " has shape ", t.sizes(), ", expected ", like.sizes());
-  TORCH_CHECK(t.size(2) >= 1 && t.size(2) <= std::numeric_limits<int32_t>::max(), name,
-              " must have between 1 and 2^31 - 1 entries per row, got ", t.size(2));
-}
-
 void check_launch(int code) {
   TORCH_CHECK(code == cudaSuccess, "kdfast cuda kernel: ", cudaGetErrorString(static_cast<cudaError_t>(code)));
 }
@@ -42,22 +33,10 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
                                               double temperature, int64_t divergence, double beta,
                                               int64_t ignore_index, bool hard) {
-  check_rows(student, "student", student);
-  check_rows(teacher, "teacher", student);
-  const int64_t n_rows = student.size(0) * student.size(1);
-  if (labels) {
-    TORCH_CHECK(labels->device() == student.device() && labels->scalar_type() == at::kLong &&
-                    labels->is_contiguous() && labels->numel() == n_rows,
-                "labels must be a contiguous int64 tensor on the logits' device with one entry per row");
-  }
-  TORCH_CHECK(!hard || labels, "hard-label loss needs labels");
-  if (grad) {
-    check_rows(*grad, "grad", student);
-    TORCH_CHECK(grad->scalar_type() == student.scalar_type(), "grad must have the student's dtype");
-  }
+  TORCH_CHECK(student.is_cuda(), "student must be a CUDA tensor");
+  const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
   // Read by the kernel on the device: no host sync. Freed tensors are reused in stream order.
   const at::Tensor coefs_f = coefs.to(student.device(), at::kFloat).contiguous();
-  TORCH_CHECK(coefs_f.numel() == 2, "coefs must hold (coef_kd, coef_ce)");
 
   const c10::cuda::CUDAGuard device_guard(student.device());
   at::Tensor kd_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
@@ -87,7 +66,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
 }
 
 void scale_grad(const at::Tensor& grad, const at::Tensor& scale) {
-  check_rows(grad, "grad", grad);
+  TORCH_CHECK(grad.is_cuda(), "grad must be a CUDA tensor");
+  kdfast::check_rows(grad, "grad", grad);
   TORCH_CHECK(scale.numel() == 1, "scale must hold one value, got ", scale.numel());
   const at::Tensor scale_f = scale.to(grad.device(), at::kFloat).contiguous();
   const c10::cuda::CUDAGuard device_guard(grad.device());

@@ -88,3 +88,9 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str], ldflags:
         build_directory=str(build_dir),
         verbose=os.environ.get("KDFAST_VERBOSE_BUILD") == "1",
     )
+
+
+def build_failure(what: str, exc: Exception) -> str:
+    """A one-line reason for available_backends() from a failed build (the compiler's last line)."""
+    lines = str(exc).strip().splitlines()
+    return f"the {what} could not be built ({type(exc).__name__}: {lines[-1] if lines else ''})"

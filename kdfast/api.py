@@ -194,7 +194,7 @@ class ReductionWeights(NamedTuple):
 
     @staticmethod
     def of(labels: Optional[Tensor], n_rows: int, vocab: int, opts: LossOptions, device: torch.device,
-           dtype: torch.dtype) -> "ReductionWeights":
+           dtype: torch.dtype) -> ReductionWeights:
         # The rows counted stay a tensor, so that no device sync is needed.
         counted = n_rows if labels is None else labels.ne(opts.ignore_index).sum()
         counted = torch.as_tensor(counted, dtype=dtype, device=device).clamp(min=1)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from helpers import make_labels, make_logits, run_and_compare
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kdfast
-from helpers import make_labels, make_logits, run_and_compare
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-
-import kdfast
-
 from conftest import interpreted, runnable_backends
 from helpers import make_labels, make_logits, run_and_compare
+
+import kdfast
 
 BACKENDS = runnable_backends()
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-
-import kdfast
 from conftest import runnable_backends
 from helpers import make_labels, make_logits, rel_err, run_and_compare
+
+import kdfast
 from kdfast.reference import kd_loss_reference
 
 BACKENDS = runnable_backends()

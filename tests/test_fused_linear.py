@@ -3,10 +3,10 @@ the student's hidden states, lm_head weight and bias."""
 
 import pytest
 import torch
-
-import kdfast
 from conftest import interpreted, runnable_backends
 from helpers import make_labels, rel_err
+
+import kdfast
 from kdfast.reference import kd_loss_reference
 
 BACKENDS = runnable_backends()

@@ -3,9 +3,9 @@ They run wherever a CUDA device is available (skipped elsewhere)."""
 
 import pytest
 import torch
+from helpers import make_logits, rel_err
 
 import kdfast
-from helpers import make_logits, rel_err
 from kdfast.reference import kd_loss_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from .._build import cpu_capability_flags, load_extension
+from .._build import build_failure, cpu_capability_flags, load_extension
 from . import KernelParams
 
 DEVICE_TYPES = ("cpu",)
@@ -16,8 +16,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 @functools.cache
 def _extension():
     variant, isa_flags = cpu_capability_flags()
-    return load_extension(f"_kd_cpu_{variant}", ["kd_cpu.cpp"], cflags=["-O3", "-fopenmp", *isa_flags],
-                          ldflags=["-fopenmp"])
+    return load_extension(f"_kd_cpu_{variant}", ["kd_cpu.cpp"], headers=["kd_binding_checks.h"],
+                          cflags=["-O3", "-fopenmp", *isa_flags], ldflags=["-fopenmp"])
 
 
 @functools.cache
@@ -25,8 +25,7 @@ def unavailable_reason() -> str | None:
     try:
         _extension()
     except Exception as exc:  # a missing compiler shows up as many different exception types
-        detail = str(exc).strip().splitlines()
-        return f"the C++ extension could not be built ({type(exc).__name__}: {detail[-1] if detail else ''})"
+        return build_failure("C++ extension", exc)
     return None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .._build import cuda_jit_flags, load_extension
+from .._build import build_failure, cuda_jit_flags, load_extension
 from . import KernelParams
 
 DEVICE_TYPES = ("cuda",)
@@ -21,7 +21,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @functools.cache
 def _extension():
-    return load_extension("_kd_cuda", ["kd_cuda_binding.cpp", "kd_cuda.cu"], headers=["kd_cuda.h"], cflags=["-O3"],
+    return load_extension("_kd_cuda", ["kd_cuda_binding.cpp", "kd_cuda.cu"],
+                          headers=["kd_cuda.h", "kd_binding_checks.h"], cflags=["-O3"],
                           cuda_cflags=cuda_jit_flags(torch.cuda.get_device_capability()))
 
 
@@ -43,8 +44,7 @@ def unavailable_reason() -> str | None:
         if _nvcc_missing():
             return ("nvcc not found (install the CUDA toolkit or set CUDA_HOME, or build at install time with "
                     "KDFAST_BUILD_CUDA=1)")
-        detail = str(exc).strip().splitlines()
-        return f"the CUDA extension could not be built ({type(exc).__name__}: {detail[-1] if detail else ''})"
+        return build_failure("CUDA extension", exc)
     return None
 
 
