@@ -1,0 +1,134 @@
+"""What a benchmark cell runs on: the inputs, the float64 reference, and the cost model.
+
+Two problems: ``LogitsProblem`` (student and teacher logits in, the loss of ``kd_loss``) and
+``FusedLinearProblem`` (hidden states and lm_head weights in, the logits made inside).
+The reference is computed a block of rows at a time, so that it fits in memory even at
+N = 8192 x V = 262144 (a float64 copy of one input alone is 17 GB there); its gradient is
+kept in float32, which is ~1e-7 relative away from float64, far below every tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kdfast.reference import kd_loss_reference
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("fwd+bwd", "fwd")  # "fwd": the loss alone, the student requiring no grad
+REFERENCE_BLOCK = 1 << 24  # elements of one float64 logits block of the reference (~10 temporaries)
+
+
+def _randn(gen: torch.Generator, shape, device) -> Tensor:
+    return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+
+def _rows_per_block(vocab: int) -> int:
+    return max(1, REFERENCE_BLOCK // vocab)
+
+
+def _leaf(x: Tensor, requires_grad: bool, fresh: bool) -> Tensor:
+    """x as a leaf that (does not) require grad; a copy when fresh (inplace_backward overwrites it)."""
+    x = x.detach().clone() if fresh else x
+    return x.requires_grad_(requires_grad)
+
+
+class LogitsProblem:
+    """kd_loss(student_logits, teacher_logits): logits of spread 3 with the teacher a perturbed
+    student (as in the tests), N x V each, in ``dtype``; the student is the one trainable input."""
+
+    kind = "logits"
+
+    def __init__(self, n: int, v: int, dtype: str, device: str, seed: int = 0):
+        self.n, self.v, self.dtype = n, v, dtype
+        gen = torch.Generator(device=device).manual_seed(seed)
+        student = _randn(gen, (n, v), device) * 3.0
+        teacher = (student + _randn(gen, (n, v), device) * 2.1).to(DTYPES[dtype])
+        self.student, self.teacher = student.to(DTYPES[dtype]), teacher
+
+    @property
+    def key(self) -> dict:
+        return {"problem": self.kind, "n": self.n, "v": self.v, "dtype": self.dtype}
+
+    def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        """(the loss function's tensor arguments, the ones that get a gradient)."""
+        student = _leaf(self.student, requires_grad, fresh)
+        return (student, self.teacher), [student] if requires_grad else []
+
+    def release(self) -> None:
+        self.student.requires_grad_(False).grad = None
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.student.nbytes
+
+    def traffic_bytes(self, mode: str) -> int:
+        """The memory traffic floor: read S and T, and write dS when there is a backward."""
+        return self.student.nbytes + self.teacher.nbytes + (self.student.nbytes if mode == "fwd+bwd" else 0)
+
+    def reference(self, temperature: float, divergence: str, beta: float) -> tuple[float, list[Tensor]]:
+        """The float64 batchmean loss and its gradient w.r.t. the student (stored as float32)."""
+        grad = torch.empty(self.n, self.v, dtype=torch.float32, device=self.student.device)
+        loss = 0.0
+        step = _rows_per_block(self.v)
+        for r0 in range(0, self.n, step):
+            s = self.student[r0:r0 + step].detach().double().requires_grad_()
+            block = kd_loss_reference(s, self.teacher[r0:r0 + step].double(), temperature=temperature,
+                                      divergence=divergence, beta=beta, reduction="sum") / self.n
+            block.backward()
+            loss += block.item()
+            grad[r0:r0 + step] = s.grad
+        return loss, [grad]
+
+
+class FusedLinearProblem:
+    """fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+    weights (V, H) as in nn.Linear, scaled so that the logits have spread 3; the student's
+    hidden states and weight are the trainable inputs."""
+
+    kind = "fused"
+
+    def __init__(self, n: int, v: int, hs: int, ht: int, dtype: str, device: str, seed: int = 0):
+        self.n, self.v, self.hs, self.ht, self.dtype = n, v, hs, ht, dtype
+        gen = torch.Generator(device=device).manual_seed(seed)
+        dt = DTYPES[dtype]
+        self.student_hidden = _randn(gen, (n, hs), device).to(dt)
+        self.student_weight = (_randn(gen, (v, hs), device) * (3.0 / hs**0.5)).to(dt)
+        self.teacher_hidden = _randn(gen, (n, ht), device).to(dt)
+        self.teacher_weight = (_randn(gen, (v, ht), device) * (3.0 / ht**0.5)).to(dt)
+
+    @property
+    def key(self) -> dict:
+        return {"problem": self.kind, "n": self.n, "v": self.v, "hs": self.hs, "ht": self.ht, "dtype": self.dtype}
+
+    def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        sh = _leaf(self.student_hidden, requires_grad, fresh)
+        sw = _leaf(self.student_weight, requires_grad, fresh)
+        return (sh, sw, self.teacher_hidden, self.teacher_weight), [sh, sw] if requires_grad else []
+
+    def release(self) -> None:
+        for x in (self.student_hidden, self.student_weight):
+            x.requires_grad_(False).grad = None
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.student_hidden.nbytes + self.student_weight.nbytes
+
+    def flops(self, mode: str) -> int:
+        """The GEMM floor: both logits GEMMs forward, and dS @ W plus dS^T @ H for the student backward."""
+        forward = 2 * self.n * self.v * (self.hs + self.ht)
+        return forward + (4 * self.n * self.v * self.hs if mode == "fwd+bwd" else 0)
+
+    def reference(self, temperature: float, divergence: str, beta: float) -> tuple[float, list[Tensor]]:
+        """The float64 batchmean loss and its gradients w.r.t. the student's hidden states and weight."""
+        sh = self.student_hidden.detach().double().requires_grad_()
+        sw = self.student_weight.detach().double().requires_grad_()
+        th, tw = self.teacher_hidden.double(), self.teacher_weight.double()
+        loss = 0.0
+        step = _rows_per_block(self.v)
+        for r0 in range(0, self.n, step):
+            block = kd_loss_reference(sh[r0:r0 + step] @ sw.T, th[r0:r0 + step] @ tw.T, temperature=temperature,
+                                      divergence=divergence, beta=beta, reduction="sum") / self.n
+            block.backward()
+            loss += block.item()
+        return loss, [sh.grad, sw.grad]

@@ -1,0 +1,182 @@
+"""The named benchmark configurations, and the bars (the project's targets) each one judges.
+
+A suite is a list of cases, each an input set (problem, N, V, dtype) with the divergences, modes
+and implementations (fnmatch patterns of names in ``peers``) to run on it; every combination of
+one case is a "group", and every implementation in a group a "cell". A bar selects cells by
+their fields and compares one metric of each with a limit (see ``report.derive`` for the metrics).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .measure import Timing, Tolerance
+from .peers import DIVERGENCES
+from .problems import MODES, FusedLinearProblem, LogitsProblem
+
+VOCABS = (32000, 50257, 128256, 151936, 262144)
+ALL = ("*",)
+NO_COMPILE = ("kdfast-*", "classic", "eager", "liger-*")
+# Loss: fp32 math on the given inputs lands near 1e-6. Gradient: rounding it to bf16 alone costs
+# ~1e-3; 4e-3 is issue 3's bound. Fused linear in bf16: the logits are bf16 GEMM outputs, whose
+# rounding moves every implementation ~1e-2 away from the float64 GEMMs of the same inputs.
+TOLERANCES = {
+    ("logits", "fp32"): Tolerance(loss=1e-4, grad=1e-4),
+    ("logits", "bf16"): Tolerance(loss=1e-4, grad=4e-3),
+    ("fused", "fp32"): Tolerance(loss=1e-4, grad=1e-4),
+    ("fused", "bf16"): Tolerance(loss=2e-3, grad=3e-2),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    problem: str  # "logits" or "fused"
+    n: int
+    v: int
+    dtype: str  # "fp32" or "bf16"
+    divergences: tuple[str, ...] = DIVERGENCES
+    modes: tuple[str, ...] = MODES
+    impls: tuple[str, ...] = ALL
+    hs: int = 0  # fused: the student's and the teacher's hidden sizes
+    ht: int = 0
+
+    def build(self, device: str):
+        if self.problem == "fused":
+            return FusedLinearProblem(self.n, self.v, self.hs, self.ht, self.dtype, device)
+        return LogitsProblem(self.n, self.v, self.dtype, device)
+
+
+@dataclass(frozen=True)
+class Bar:
+    label: str
+    where: dict  # cell field -> accepted value (or tuple of values)
+    metric: str  # time_ms, x_floor, grad_err, loss_err, peak_over_grad, speedup:<impl>, time_ratio:<impl>, ...
+    op: str  # "<=" or ">="
+    limit: float
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    device: str
+    description: str
+    cases: tuple[Case, ...]
+    bars: tuple[Bar, ...] = ()
+    temperature: float = 2.0
+    timing: Timing = field(default_factory=Timing)
+    copy_mib: int = 256  # the source buffer of the copy-bandwidth measurement
+    budget_s: Optional[float] = None  # cells not started by then are skipped (the run must fit a time slot)
+
+    @property
+    def command(self) -> str:
+        return f"python -m benchmarks.run --suite {self.name} --device {self.device}"
+
+
+def _grid(n: int, dtypes, vocabs, **case) -> tuple[Case, ...]:
+    return tuple(Case("logits", n, v, dtype, **case) for dtype in dtypes for v in vocabs)
+
+
+def _cpu_core() -> Suite:
+    kdfast = {"impl": "kdfast-cpu", "divergence": "forward_kl", "mode": "fwd+bwd"}
+    return Suite(
+        "cpu-core", "cpu",
+        "Issue 2, the CPU headline: N=2048, V=32000, T=2, forward+backward, fp32 and bf16, all divergences "
+        "(the bars on forward_kl), kdfast's fused CPU kernel against the peers, in one run.",
+        _grid(2048, ("fp32", "bf16"), (32000,), modes=("fwd+bwd",),
+              impls=("kdfast-cpu*", "classic", "eager", "compile")),
+        bars=(Bar("kdfast >= 2x faster than torch.compile", kdfast, "speedup:compile", ">=", 2.0),
+              Bar("kdfast >= 15x faster than careful eager", kdfast, "speedup:eager", ">=", 15.0),
+              Bar("peak extra memory <= 1.25x the gradient", kdfast, "peak_over_grad", "<=", 1.25)),
+        timing=Timing(warmup=1, min_runs=5, min_seconds=2.0),
+    )
+
+
+def _gpu_core() -> Suite:
+    impls = ("kdfast-triton*", "kdfast-cuda*", "classic", "eager", "compile", "liger-*")
+    head = {"impl": "kdfast-triton", "v": 128256, "divergence": "forward_kl"}
+    return Suite(
+        "gpu-core", "cuda",
+        "Issue 3, the GPU headline: N=8192, V=128256, bf16, T=2, forward_kl forward+backward and forward; "
+        "V=32000 and 262144, reverse_kl and jsd forward+backward.",
+        (Case("logits", 8192, 128256, "bf16", divergences=("forward_kl",), impls=impls),
+         Case("logits", 8192, 128256, "bf16", divergences=("reverse_kl", "jsd"), modes=("fwd+bwd",), impls=impls),
+         Case("logits", 8192, 32000, "bf16", divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls),
+         Case("logits", 8192, 262144, "bf16", divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls)),
+        bars=(Bar("fwd+bwd <= 1.9 ms", {**head, "mode": "fwd+bwd"}, "time_ms", "<=", 1.9),
+              Bar("gradient rel-L2 error <= 4e-3", {**head, "mode": "fwd+bwd"}, "grad_err", "<=", 4e-3),
+              # +1%: the per-row loss buffers and the allocator's rounding of the gradient's block
+              Bar("peak extra memory <= the gradient", {**head, "mode": "fwd+bwd"}, "peak_over_grad", "<=", 1.01),
+              Bar("inplace_backward: peak extra memory ~0", {**head, "impl": "kdfast-triton-inplace"},
+                  "peak_over_grad", "<=", 0.01),
+              Bar("forward only <= 1.2 ms", {**head, "mode": "fwd"}, "time_ms", "<=", 1.2),
+              Bar("V=32000 and V=262144 within 1.3x of the floor",
+                  {**head, "v": (32000, 262144), "mode": "fwd+bwd"}, "x_floor", "<=", 1.3),
+              Bar("reverse_kl and jsd within 1.5x of the floor",
+                  {**head, "divergence": ("reverse_kl", "jsd"), "mode": "fwd+bwd"}, "x_floor", "<=", 1.5)),
+        copy_mib=2048,
+    )
+
+
+def _fused_linear(device: str) -> Suite:
+    if device == "cuda":
+        cases = tuple(Case("fused", n, 128256, "bf16", divergences=("forward_kl",), modes=("fwd+bwd",),
+                           hs=2048, ht=4096) for n in (8192, 16384))
+        return Suite("fused-linear", device,
+                     "Issue 5 on the GPU: N=8192 and 16384, Hs=2048, Ht=4096, V=128256, bf16, forward_kl, "
+                     "forward+backward with gradients for the student's hidden states and weight; x floor is "
+                     "against the GEMM floor at the matmul rate measured in the same run.",
+                     cases, copy_mib=2048)
+    kdfast = {"impl": "kdfast-fused", "divergence": "forward_kl", "mode": "fwd+bwd"}
+    return Suite(
+        "fused-linear", device,
+        "Issue 5 on the CPU: N=4096, Hs=Ht=512, V=32000, fp32, forward_kl, forward+backward.",
+        (Case("fused", 4096, 32000, "fp32", divergences=("forward_kl",), modes=("fwd+bwd",), hs=512, ht=512),),
+        bars=(Bar("peak extra memory <= 1/8 of matmuls + careful eager", kdfast, "mem_ratio:mm+eager", "<=", 1 / 8),
+              Bar("time <= 1.1x matmuls + kd_loss on full logits", kdfast, "time_ratio:mm+kdfast", "<=", 1.1)),
+        timing=Timing(warmup=1, min_runs=5, min_seconds=0.0),
+    )
+
+
+def _quick(device: str) -> Suite:
+    if device == "cpu":
+        # Seconds per torch.compile graph and a slow torch fallback on a CPU: those run on one V only.
+        cases = [Case("logits", 8, 32000, "fp32", divergences=("forward_kl",)),
+                 Case("logits", 8, 32000, "fp32", divergences=("reverse_kl", "jsd"), impls=NO_COMPILE),
+                 Case("logits", 8, 32000, "bf16", impls=NO_COMPILE)]
+        cases += _grid(8, ("fp32", "bf16"), VOCABS[1:], impls=("kdfast-cpu*", "classic", "eager"))
+        cases, timing = tuple(cases), Timing(warmup=0, min_runs=3, min_seconds=0.0)
+    else:
+        cases = _grid(256, ("bf16", "fp32"), (32000,)) + _grid(256, ("bf16", "fp32"), VOCABS[1:], impls=NO_COMPILE)
+        timing = Timing(warmup_ms=5, rep_ms=20)
+    return Suite("quick", device, "Smoke test: tiny sizes over the whole grid; correctness asserted, timings only "
+                 "reported.", cases, timing=timing, copy_mib=64)
+
+
+def _full(device: str) -> Suite:
+    if device == "cpu":
+        return Suite("full", "cpu", "The grid on the CPU: N=256, every V, fp32 and bf16, every divergence, "
+                     "forward and forward+backward, every implementation.",
+                     _grid(256, ("fp32", "bf16"), VOCABS), timing=Timing(warmup=1, min_runs=5, min_seconds=0.5))
+    # torch.compile's compilations (seconds each, 60 of them) come last, after every kdfast cell, and
+    # the most telling input sets first: if the time budget runs out, what is left out matters least.
+    order = (128256, 32000, 262144, 151936, 50257)
+    return Suite("full", "cuda", "The grid on the GPU: N=8192, every V, bf16 and fp32, every divergence, forward "
+                 "and forward+backward, every implementation (torch.compile last); starts no cell after 7.5 minutes.",
+                 _grid(8192, ("bf16", "fp32"), order, impls=NO_COMPILE)
+                 + _grid(8192, ("bf16", "fp32"), order, impls=("compile",)),
+                 timing=Timing(warmup_ms=10, rep_ms=40), copy_mib=2048, budget_s=450.0)
+
+
+def get(name: str, device: str, missing_ok: bool = False) -> Optional[Suite]:
+    """The suite ``name`` for ``device`` (cpu-core and gpu-core exist for one device only)."""
+    makers = {"quick": _quick, "full": _full, "fused-linear": _fused_linear,
+              "cpu-core": lambda d: _cpu_core() if d == "cpu" else None,
+              "gpu-core": lambda d: _gpu_core() if d == "cuda" else None}
+    suite = makers[name](device)
+    if suite is None and not missing_ok:
+        raise ValueError(f"suite {name!r} runs on {'cpu' if name == 'cpu-core' else 'cuda'} only, not on {device}")
+    return suite
+
+
+NAMES = ("quick", "full", "cpu-core", "gpu-core", "fused-linear")
