@@ -15,44 +15,52 @@ from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams
 
 DEVICE_TYPES = None  # any device torch supports
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-CHUNK_ELEMENTS = 1 << 20  # elements per temporary; about ten temporaries are alive at once
+CHUNK_ELEMENTS = 1 << 21  # elements per temporary; about eight temporaries are alive at once
 
 
 def unavailable_reason() -> str | None:
     return None
 
 
-def _masked_sum(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """sum(weight * values) over the last dim, with 0 * anything = 0 (so 0 * log 0 = 0)."""
-    return torch.where(weight > 0, weight * values, 0.0).sum(-1)
+def _weighted_sum(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """sum(weight * values) over the last dim with 0 * inf = 0 (so 0 * log 0 = 0).
+
+    weight is a probability and values a difference of log-probabilities, so a NaN in the
+    product is 0 * inf; NaN inputs are handled per row by the caller.
+    """
+    return (weight * values).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
 
 
 def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     """Row losses (and the weighted gradient) of a (rows, V) chunk already in the compute dtype."""
     inv_temp = 1.0 / params.temperature
+    max_s, max_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
     # Centre before dividing by T: x - max is exact where it matters, even for huge logits.
-    log_ps = torch.log_softmax((s - s.amax(-1, keepdim=True)) * inv_temp, dim=-1)
-    log_pt = torch.log_softmax((t - t.amax(-1, keepdim=True)) * inv_temp, dim=-1)
+    log_ps = torch.log_softmax((s - max_s).mul_(inv_temp), dim=-1)
+    log_pt = torch.log_softmax((t - max_t).mul_(inv_temp), dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
     if params.divergence == FORWARD_KL:
-        kd = _masked_sum(pt, log_pt - log_ps)
-        d_kd = ps - pt
+        kd = _weighted_sum(pt, log_pt - log_ps)
+        d_kd = ps - pt if want_grad else None
     elif params.divergence == REVERSE_KL:
-        kd = _masked_sum(ps, log_ps - log_pt)
-        d_kd = torch.where(ps > 0, ps * (log_ps - log_pt - kd[:, None]), 0.0)
+        log_ratio = log_ps - log_pt
+        kd = _weighted_sum(ps, log_ratio)
+        d_kd = torch.where(ps > 0, ps * log_ratio.sub_(kd[:, None]), 0.0) if want_grad else None
     else:
         assert params.divergence == JSD and 0.0 < params.beta < 1.0
         beta = params.beta
         log_mix = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
-        kl_student_mix = _masked_sum(ps, log_ps - log_mix)
-        kd = beta * _masked_sum(pt, log_pt - log_mix) + (1.0 - beta) * kl_student_mix
-        d_kd = (1.0 - beta) * torch.where(ps > 0, ps * (log_ps - log_mix - kl_student_mix[:, None]), 0.0)
+        student_vs_mix = log_ps - log_mix
+        kl_student_mix = _weighted_sum(ps, student_vs_mix)
+        kd = beta * _weighted_sum(pt, log_pt.sub_(log_mix)) + (1.0 - beta) * kl_student_mix
+        d_kd = None
+        if want_grad:
+            d_kd = torch.where(ps > 0, ps * student_vs_mix.sub_(kl_student_mix[:, None]), 0.0).mul_(1.0 - beta)
 
     # NaN, +inf, or an all -inf row: the softmax is undefined, so the row loss is NaN.
-    undefined = ~(torch.isfinite(s.amax(-1)) & torch.isfinite(t.amax(-1)))
-    kd = torch.where(undefined, torch.nan, kd)
+    undefined = ~(torch.isfinite(max_s[:, 0]) & torch.isfinite(max_t[:, 0]))
     ignored = torch.zeros_like(undefined) if labels is None else labels == params.ignore_index
-    kd = torch.where(ignored, 0.0, kd)
+    kd = torch.where(ignored, 0.0, torch.where(undefined, torch.nan, kd))
 
     ce = torch.zeros_like(kd)
     d_ce = None
@@ -60,19 +68,19 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
         in_range = (labels >= 0) & (labels < s.shape[-1])
         index = torch.where(in_range, labels, 0)[:, None]
         log_p1 = torch.log_softmax(s, dim=-1)
-        ce = torch.where(in_range, -log_p1.gather(-1, index)[:, 0], torch.nan)
-        ce = torch.where(undefined & ~ignored, torch.nan, torch.where(ignored, 0.0, ce))
+        ce = torch.where(in_range & ~undefined, -log_p1.gather(-1, index)[:, 0], torch.nan)
+        ce = torch.where(ignored, 0.0, ce)
         if want_grad:
-            d_ce = log_p1.exp().scatter_add(-1, index, -in_range[:, None].to(s.dtype))
-            d_ce = torch.where(in_range[:, None], d_ce, torch.nan)
+            d_ce = log_p1.exp_().scatter_add_(-1, index, -in_range[:, None].to(s.dtype))
 
     grad = None
     if want_grad:
-        grad = coefs[0] * inv_temp * d_kd
+        # Per-row factors: NaN for undefined rows and out-of-range labels.
+        kd_scale = torch.where(undefined, torch.nan, coefs[0] * inv_temp)
+        grad = d_kd.mul_(kd_scale[:, None])
         if d_ce is not None:
-            grad = grad + coefs[1] * d_ce
-        grad = torch.where(undefined[:, None], torch.nan, grad)
-        grad = torch.where(ignored[:, None], 0.0, grad)
+            grad.add_(d_ce.mul_(torch.where(in_range, coefs[1], torch.nan)[:, None]))
+        grad[ignored] = 0.0  # ignored rows get no gradient, whatever their logits hold
     return kd, ce, grad
 
 
