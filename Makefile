@@ -6,7 +6,7 @@ PYTEST_ARGS ?=
 .PHONY: main test bench clean
 
 main:
-	source scripts/env.sh && python -m benchmarks.cpu_core
+	source scripts/env.sh && python -m kdfast demo --config configs/demo.yaml --out runs/demo
 
 test:
 	source scripts/env.sh && python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,132 @@
+"""The ``kdfast`` command (also ``python -m kdfast``): ``distill`` and ``demo``.
+
+Both read a YAML or TOML config; ``--set key.sub=value`` overrides any entry, so sizes,
+steps and device change without editing the file. Under ``torchrun`` they train
+data-parallel, unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .api import LossOptions
+from .config import apply_overrides, build, build_model, check_keys, load_config, require, save_weights, section
+from .data import TokenWindows, encode_texts, load_tokens, read_texts, split_files
+from .trainer import DistillTrainer, TrainConfig
+
+DISTILL_EXAMPLE = """\
+example config (YAML; TOML with the same keys works too):
+
+  data:
+    train_tokens: data/train.npy   # a 1-D token array (.npy, or a torch.save'd tensor)
+    eval_tokens: data/eval.npy     # optional held-out tokens
+    vocab_size: 4096               # the tokenizer's size, for gpt models
+    context: 128
+    # or text files and a tokenizer (split into train / held-out by file):
+    # text: ["corpus/**/*.txt"]
+    # tokenizer: tokenizer.json    # a Hugging Face `tokenizers` file
+    # eval_fraction: 0.05
+  teacher: {hf: path/to/model}     # or {gpt: {n_layer: 4, d_model: 256}, weights: teacher.safetensors}
+  student: {hf_config: {model_type: llama, hidden_size: 256, num_hidden_layers: 2,
+                        num_attention_heads: 4, intermediate_size: 512}}
+  train: {out_dir: runs/distill, steps: 1000, batch_size: 16, lr: 1e-3, precision: bf16}
+  loss: {temperature: 2.0, hard_weight: 0.5, soft_weight: 0.5}
+
+The trained student is written to OUT_DIR/student.safetensors (or OUT_DIR/student/ for a
+Hugging Face model). Run it again to resume after an interruption; under torchrun
+(torchrun --nproc_per_node N -m kdfast distill ...) it trains data-parallel.
+"""
+
+
+def _load_data(spec: dict, seed: int) -> tuple[TokenWindows, Optional[TokenWindows], Optional[int]]:
+    """(train windows, held-out windows or None, the tokenizer's vocabulary size when known)."""
+    check_keys(spec, ("train_tokens", "eval_tokens", "vocab_size", "text", "tokenizer", "eval_fraction", "context"),
+               "data")
+    context = int(spec.get("context", 128))
+    if "train_tokens" in spec:
+        train, held_out = load_tokens(spec["train_tokens"]), spec.get("eval_tokens")
+        held_out = load_tokens(held_out) if held_out else None
+        vocab = spec.get("vocab_size")
+    elif "text" in spec and "tokenizer" in spec:
+        patterns = [spec["text"]] if isinstance(spec["text"], str) else spec["text"]
+        names = sorted({name for pattern in patterns for name in glob.glob(pattern, recursive=True)
+                        if Path(name).is_file()})
+        if not names:
+            raise ValueError(f"data.text matches no files: {patterns}")
+        tokenizer = require("tokenizers", "demo", "data.tokenizer").Tokenizer.from_file(str(spec["tokenizer"]))
+        train_names, eval_names = split_files(names, float(spec.get("eval_fraction", 0.05)))
+        train = encode_texts(read_texts(Path("."), train_names), tokenizer)
+        held_out = encode_texts(read_texts(Path("."), eval_names), tokenizer) if eval_names else None
+        vocab = tokenizer.get_vocab_size()
+    else:
+        raise ValueError("the data section needs train_tokens (a token file), or text and tokenizer")
+    return (TokenWindows(train, context, seed), None if held_out is None else TokenWindows(held_out, context, seed),
+            vocab)
+
+
+def distill(config: dict) -> dict:
+    """Distils config's teacher into its student; returns the training summary."""
+    check_keys(config, ("data", "teacher", "student", "train", "loss"), "the config")
+    train_cfg = build(TrainConfig, section(config, "train"), "train")
+    loss = build(LossOptions, section(config, "loss"), "loss")
+    train, held_out, vocab = _load_data(section(config, "data", required=True), train_cfg.seed)
+    teacher = build_model(section(config, "teacher", required=True), "teacher", vocab)
+    torch.manual_seed(train_cfg.seed)
+    student = build_model(section(config, "student", required=True), "student", vocab)
+    trainer = DistillTrainer(student, train, train_cfg, teacher=teacher, eval_data=held_out, loss=loss)
+    summary = trainer.train()
+    if trainer.rank == 0:
+        out = Path(train_cfg.out_dir)
+        if hasattr(student, "save_pretrained"):
+            student.save_pretrained(out / "student")
+        else:
+            save_weights(student, out / "student.safetensors")
+        print(json.dumps(summary, indent=1))
+    return summary
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdfast", description="Fast, memory-efficient knowledge distillation.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    overrides = dict(action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config entry, e.g. --set train.steps=100 (repeatable)")
+    run = commands.add_parser("distill", help="distil a teacher into a student from a config file",
+                              description="Distil a teacher LM into a student LM.", epilog=DISTILL_EXAMPLE,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--config", required=True, help="a YAML or TOML file")
+    run.add_argument("--set", dest="overrides", **overrides)
+    demo = commands.add_parser(
+        "demo", help="the main job: train a tokenizer, a teacher and two students on the Python standard library",
+        description="Train a tokenizer and a teacher on this Python's standard library source, then the same "
+                    "student twice (hard labels; distilled), and write a report comparing them.")
+    demo.add_argument("--config", default="configs/demo.yaml", help="a YAML or TOML file (default: %(default)s)")
+    demo.add_argument("--out", default="runs/demo", help="the report's folder (default: %(default)s)")
+    demo.add_argument("--set", dest="overrides", **overrides)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = apply_overrides(load_config(args.config), args.overrides)
+        if args.command == "distill":
+            distill(config)
+        else:
+            from .demo import Demo
+
+            Demo(config, args.out).run()
+    except (ValueError, OSError, ImportError) as exc:  # bad input: a message, not a traceback
+        print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

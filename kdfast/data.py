@@ -1,0 +1,132 @@
+"""Token streams cut into fixed-length windows, in an order that makes resuming and DDP exact.
+
+A training batch is a pure function of (seed, batch index, rank): window k of the
+global order is ``perm_e[k % n]`` with e = k // n and perm_e a permutation drawn from
+(seed, e). A run resumes from its step alone, and W processes with batch B read the
+same windows as one process with batch W * B.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+class TokenWindows:
+    """Windows of ``context + 1`` tokens from a 1-D token stream: (inputs, targets) of length context."""
+
+    def __init__(self, tokens: Union[Tensor, np.ndarray], context: int, seed: int = 0):
+        tokens = torch.as_tensor(tokens)
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} of shape {tuple(tokens.shape)}")
+        if context < 1:
+            raise ValueError(f"context must be >= 1, got {context}")
+        self.tokens = tokens
+        self.context = context
+        self.seed = seed
+        self.n_windows = (len(tokens) - 1) // context
+        if self.n_windows < 1:
+            raise ValueError(f"{len(tokens)} tokens do not fill one window of context {context} (+1 target)")
+        self._epoch, self._perm = -1, None
+
+    def _rows(self, window_ids: Tensor) -> tuple[Tensor, Tensor]:
+        offsets = window_ids[:, None] * self.context + torch.arange(self.context + 1)
+        rows = self.tokens[offsets].long()
+        return rows[:, :-1], rows[:, 1:]
+
+    def _order(self, k: int) -> int:
+        """The window at position k of the endless shuffled order."""
+        epoch, index = divmod(k, self.n_windows)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n_windows, generator=gen)
+        return int(self._perm[index])
+
+    def batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """Batch number ``index`` of this rank: its batch_size windows of the global batch."""
+        first = (index * world_size + rank) * batch_size
+        return self._rows(torch.tensor([self._order(k) for k in range(first, first + batch_size)]))
+
+    def spread(self, max_windows: int, batch_size: int, rank: int = 0,
+               world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """max_windows windows evenly spaced over the stream (all when there are fewer), in stream
+        order, this rank's share: a fixed held-out sample that covers every part of the data."""
+        count = min(max_windows, self.n_windows)
+        mine = (torch.arange(count) * self.n_windows // count)[rank::world_size]
+        for chunk in mine.split(batch_size):
+            yield self._rows(chunk)
+
+
+def load_tokens(path: Union[str, Path]) -> Tensor:
+    """A 1-D token tensor from a .npy file or a torch.save'd tensor (.pt)."""
+    path = Path(path)
+    if path.suffix == ".npy":
+        return torch.from_numpy(np.load(path, mmap_mode="r").astype(np.int32))
+    return torch.load(path, weights_only=True)
+
+
+def save_tokens(tokens: Tensor, path: Union[str, Path]) -> None:
+    """Stores tokens as .npy in the smallest unsigned dtype that holds them."""
+    array = tokens.numpy()
+    dtype = np.uint16 if array.max(initial=0) < 2**16 else np.uint32
+    np.save(path, array.astype(dtype))
+
+
+END_OF_TEXT = "<|endoftext|>"
+# Folders of the standard library that hold tests and third-party packages, not library code.
+_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def python_stdlib_files() -> tuple[Path, list[str]]:
+    """This Python's standard library: its folder and the relative paths of its .py files (tests excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    names = sorted(str(p.relative_to(root)) for p in root.rglob("*.py")
+                   if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1]))
+    if not names:
+        raise FileNotFoundError(f"no .py files found under the standard library folder {root}")
+    return root, names
+
+
+def split_files(names: list[str], eval_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, held-out) by a hash of each file's name: stable as files are added or removed."""
+    if not 0 < eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}")
+    held_out = {n for n in names if int(hashlib.sha256(n.encode()).hexdigest()[:8], 16) < eval_fraction * 2**32}
+    return [n for n in names if n not in held_out], [n for n in names if n in held_out]
+
+
+def read_texts(root: Path, names: list[str]) -> list[str]:
+    return [(root / name).read_text(encoding="utf-8", errors="replace") for name in names]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (any text encodes, no unknown tokens) with END_OF_TEXT as token 0."""
+    from .config import require
+
+    tk = require("tokenizers", "demo", "training a tokenizer")
+    tokenizer = tk.Tokenizer(tk.models.BPE())
+    tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def encode_texts(texts: list[str], tokenizer) -> Tensor:
+    """One stream: each text's tokens followed by END_OF_TEXT."""
+    eot = tokenizer.token_to_id(END_OF_TEXT)
+    if eot is None:
+        raise ValueError(f"the tokenizer has no {END_OF_TEXT} token")
+    ids = []
+    for encoding in tokenizer.encode_batch(texts):
+        ids.extend(encoding.ids)
+        ids.append(eot)
+    return torch.tensor(ids, dtype=torch.int32)

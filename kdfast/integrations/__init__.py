@@ -1,0 +1,1 @@
+"""Integrations with other training libraries (each needs its extra: ``pip install 'kdfast[hf]'``)."""

@@ -1,0 +1,394 @@
+"""A small training loop for a student LM distilled from a frozen teacher (or trained alone).
+
+One process or many: under ``torchrun`` the same code runs data-parallel (DDP), each
+process reading its share of every global batch (kdfast.data). Checkpoints hold all
+that the next step depends on (weights, optimizer, schedule, RNG states, step: the data
+position follows from the step), so a run killed at any moment and started again with
+the same command ends with the same weights as one never interrupted.
+
+Models too large to replicate on each GPU need FSDP, which this loop does not do: use
+:class:`kdfast.integrations.hf.KDTrainer` with the Hugging Face Trainer's FSDP support
+(see the README's Trainer section).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .api import LossOptions
+from .checkpoint import checkpoints, ensure_writable_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import TokenWindows
+from .lm import LOSS_PATHS, LMDistillLoss, choose_loss_path, evaluate_models, is_sharded
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of each precision setting
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/distill"
+    steps: int = 1000
+    batch_size: int = 16  # sequences per process and micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # the cosine schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    precision: str = "fp32"  # "bf16": the models run under bf16 autocast
+    teacher_dtype: str = "fp32"  # what the frozen teacher's floating-point weights are cast to ("bf16" halves them)
+    loss_path: str = "auto"  # "auto", "fused_linear" or "logits" (kdfast.lm)
+    seed: int = 0  # the loop's random state (dropout); data order and initial weights are the caller's
+    device: str = "auto"  # "auto": this process's GPU when there is one, else the CPU
+    eval_every: int = 0  # steps between evaluations (0: only at the end)
+    eval_windows: int = 256  # held-out sequences per evaluation
+    eval_batch_size: int = 32
+    log_every: int = 10
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 3
+    resume: bool = True  # continue from the newest whole checkpoint in out_dir
+    progress: bool = True  # a tqdm progress bar
+    tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        positive = ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_last")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("warmup_steps", "eval_every", "eval_windows", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("lr must be > 0, min_lr_ratio in [0, 1], weight_decay and grad_clip >= 0; got "
+                             f"{self.lr}, {self.min_lr_ratio}, {self.weight_decay}, {self.grad_clip}")
+        for name, choices in (("precision", PRECISIONS), ("teacher_dtype", TEACHER_DTYPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.loss_path not in LOSS_PATHS:
+            raise ValueError(f"loss_path must be one of {', '.join(LOSS_PATHS)}; got {self.loss_path!r}")
+
+    def run_settings(self) -> dict:
+        """The settings a checkpoint must share with the run that resumes it: those that change the weights."""
+        cosmetic = {"out_dir", "device", "eval_every", "eval_windows", "eval_batch_size", "log_every",
+                    "checkpoint_every", "keep_last", "resume", "progress", "tensorboard"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in cosmetic}
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, world size, local rank); joins the process group torchrun set up in the environment."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return 0, 1, 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device) -> dict:
+    """Peak memory since reset_peak_memory: CUDA memory allocated by tensors, or the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
+    try:
+        status = Path("/proc/self/status").read_text()
+        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_bytes": kib * 1024, "peak_memory_kind": "process_rss"}
+
+
+class MetricsLog:
+    """Metrics as JSON lines in out_dir/metrics.jsonl, and as TensorBoard events when installed.
+
+    On resume, records past the resumed step (written before the interruption, and about
+    to be written again) are dropped so that the log reads as one run.
+    """
+
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # optional: `pip install tensorboard`
+                pass
+            else:
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, step: int, split: str, metrics: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        if self.tb is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{split}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _progress_bar(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        warnings.warn("kdfast: no progress bar without tqdm: pip install 'kdfast[demo]'", stacklevel=3)
+        return None
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+class DistillTrainer:
+    """Trains ``student`` to match ``teacher`` on ``train_data`` (or on hard labels alone when teacher is None).
+
+    ``loss`` holds the kd_loss options (temperature, divergence, hard/soft weights, ...).
+    Models are moved to the configured device; the teacher is frozen in eval mode.
+    """
+
+    def __init__(self, student: nn.Module, train_data: TokenWindows, config: TrainConfig,
+                 teacher: Optional[nn.Module] = None, eval_data: Optional[TokenWindows] = None,
+                 loss: Optional[LossOptions] = None):
+        for role, model in (("student", student), ("teacher", teacher)):
+            if model is not None and is_sharded(model):
+                raise ValueError(f"the {role} is sharded with FSDP, which DistillTrainer does not do (it replicates "
+                                 "models with DDP): use kdfast.integrations.hf.KDTrainer with FSDP for such models")
+        self.cfg = config
+        self.rank, self.world, local_rank = init_distributed()
+        self.device = resolve_device(config.device, local_rank)
+        torch.manual_seed(config.seed + self.rank)  # dropout; a resumed run restores the states it saved
+        random.seed(config.seed + self.rank)
+        self.out_dir = Path(config.out_dir)
+        if self.rank == 0:
+            ensure_writable_dir(self.out_dir)
+        loss = loss or LossOptions()
+        self.train_data, self.eval_data, self.options = train_data, eval_data, loss
+        self.student = student.to(self.device)
+        self.teacher = None
+        if teacher is not None:
+            teacher = teacher.to(self.device, dtype=TEACHER_DTYPES[config.teacher_dtype])
+            self.teacher = teacher.eval().requires_grad_(False)
+        path = choose_loss_path(self.student, self.teacher, loss, config.loss_path) if teacher is not None else "logits"
+        self.loss = LMDistillLoss(loss, path, PRECISIONS[config.precision])
+        self.model = self.student
+        if self.world > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
+        decay = [p for p in self.student.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.student.parameters() if p.requires_grad and p.dim() < 2]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=config.lr, betas=config.betas)
+        schedule = partial(lr_factor, warmup=config.warmup_steps, total=config.steps, min_ratio=config.min_lr_ratio)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self.saved_step = None  # the step of the newest checkpoint written or resumed from
+        self.train_seconds = 0.0  # time in training steps, summed over resumed segments
+        self.run_settings = {"train": config.run_settings(), "loss": asdict(loss), "world_size": self.world,
+                             "teacher": teacher is not None, "loss_path": path}
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.world * self.train_data.context
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    # --- checkpoints ---
+
+    def _rng_states(self) -> list[dict]:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if self.world == 1:
+            return [state]
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, state)
+        return gathered
+
+    def save(self) -> None:
+        rng = self._rng_states()  # a collective: every rank takes part
+        if self.rank == 0:
+            state = {"step": self.step, "train_seconds": self.train_seconds, "run": self.run_settings,
+                     "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "rng": rng}
+            save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.keep_last)
+        self.saved_step = self.step
+
+    def _broadcast(self, value):
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def resume(self) -> Optional[Path]:
+        """Loads the newest whole checkpoint of out_dir, if any, and returns its path."""
+        if not self.cfg.resume:
+            if self.rank == 0 and checkpoints(self.checkpoint_dir):
+                raise FileExistsError(f"{self.checkpoint_dir} holds checkpoints of an earlier run: resume it "
+                                      f"(resume: true) or choose another out_dir")
+            return None
+        path = self._broadcast(latest_checkpoint(self.checkpoint_dir) if self.rank == 0 else None)
+        if path is None:
+            return None
+        state = load_checkpoint(path)
+        if state["run"] != self.run_settings:
+            changed = {k: (state["run"].get(k), v) for k, v in self.run_settings.items() if state["run"].get(k) != v}
+            raise ValueError(f"checkpoint {path} was written with other settings ({changed}, as (then, now)): "
+                             f"run with the same settings to resume it, or choose another out_dir")
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = self.saved_step = state["step"]
+        self.train_seconds = state["train_seconds"]
+        rng = state["rng"][self.rank]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        return path
+
+    # --- training ---
+
+    def _train_step(self) -> tuple[torch.Tensor, Optional[float]]:
+        """One optimizer step; returns (loss, kd, hard) averaged over its micro-steps, and the gradient norm."""
+        cfg = self.cfg
+        parts_sum = torch.zeros(3, device=self.device)
+        for micro in range(cfg.grad_accum):
+            inputs, targets = self.train_data.batch(self.step * cfg.grad_accum + micro, cfg.batch_size, self.rank,
+                                                    self.world)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            last = micro == cfg.grad_accum - 1
+            # DDP averages gradients across processes only on the last micro-step
+            sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
+            with sync:
+                parts = self.loss(self.model, self.teacher, inputs, targets)
+                (parts.loss / cfg.grad_accum).backward()
+            parts_sum += torch.stack([parts.loss.detach(), parts.kd, parts.hard]).float() / cfg.grad_accum
+        grad_norm = None
+        if cfg.grad_clip > 0:
+            grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return parts_sum, grad_norm
+
+    def _all_reduce(self, tensor: torch.Tensor, mean: bool) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+            if mean:
+                tensor /= self.world
+        return tensor
+
+    def evaluate(self) -> dict:
+        """Held-out metrics of the student, with the teacher's loss and their top-1 agreement when distilling."""
+        if self.eval_data is None or not self.cfg.eval_windows:
+            return {}
+        batches = ((x.to(self.device), y.to(self.device)) for x, y in
+                   self.eval_data.spread(self.cfg.eval_windows, self.cfg.eval_batch_size, self.rank, self.world))
+        results = evaluate_models({"student": self.student}, self.teacher, batches, self.options,
+                                  PRECISIONS[self.cfg.precision], dist.all_reduce if self.world > 1 else None)
+        metrics = results["student"]
+        if "teacher" in results:
+            metrics.update(teacher_loss=results["teacher"]["loss"], teacher_ppl=results["teacher"]["ppl"])
+        return metrics
+
+    def train(self) -> dict:
+        """Runs (or resumes) training to cfg.steps; returns the run's summary, also written to summary.json."""
+        cfg = self.cfg
+        self.resume()
+        log = MetricsLog(self.out_dir, self.step, cfg.tensorboard) if self.rank == 0 else None
+        bar = _progress_bar(cfg.progress and self.rank == 0, cfg.steps, self.step)
+        reset_peak_memory(self.device)
+        self.student.train()
+        interval_sums, interval_steps, interval_start = torch.zeros(3, device=self.device), 0, self.train_seconds
+        while self.step < cfg.steps:
+            started = time.perf_counter()
+            parts, grad_norm = self._train_step()
+            self.step += 1
+            interval_sums += parts
+            interval_steps += 1
+            self.train_seconds += time.perf_counter() - started
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                loss, kd, hard = (self._all_reduce(interval_sums, mean=True) / interval_steps).tolist()
+                speed = interval_steps * self.tokens_per_step / max(self.train_seconds - interval_start, 1e-9)
+                record = {"loss": loss, "kd": kd, "hard": hard, "lr": self.scheduler.get_last_lr()[0],
+                          "tokens_per_s": speed, "tokens": self.step * self.tokens_per_step}
+                if grad_norm is not None:
+                    record["grad_norm"] = grad_norm
+                if log is not None:
+                    log.write(self.step, "train", record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:,.0f}")
+                interval_sums.zero_()
+                interval_steps, interval_start = 0, self.train_seconds
+            if bar is not None:
+                bar.update(1)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                metrics = self.evaluate()
+                if log is not None and metrics:
+                    log.write(self.step, "eval", metrics)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.saved_step != self.step:
+            self.save()
+        final = self.evaluate()
+        summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step, "train_seconds": self.train_seconds,
+                   "tokens_per_s": self.step * self.tokens_per_step / max(self.train_seconds, 1e-9),
+                   "world_size": self.world, "loss_path": self.loss.path, "eval": final, **peak_memory(self.device)}
+        if log is not None:
+            if final:
+                log.write(self.step, "eval", final)
+            log.close()
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
