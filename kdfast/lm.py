@@ -122,7 +122,7 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
                      probe_ids: Optional[Tensor] = None) -> str:
     """Checks that the pair can be distilled (vocabularies) and returns "fused_linear" or "logits".
 
-    "auto" takes the fused-linear path when kdfast has it and both models qualify; asking for
+    "auto" takes the fused-linear path when both models qualify; asking for
     "fused_linear" when they do not is an error that says why.
     """
     if requested not in LOSS_PATHS:
@@ -142,12 +142,9 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
                          f"teacher's ({v_teacher}) vocabulary")
     if requested == "logits":
         return "logits"
-    if not hasattr(kdfast, "fused_linear_kd_loss"):
-        reason = "this kdfast has no fused_linear_kd_loss"
-    elif student_reason or teacher_reason:
-        reason = f"the student: {student_reason}" if student_reason else f"the teacher: {teacher_reason}"
-    else:
+    if not (student_reason or teacher_reason):
         return "fused_linear"
+    reason = f"the student: {student_reason}" if student_reason else f"the teacher: {teacher_reason}"
     if requested == "fused_linear":
         raise ValueError(f"loss_path='fused_linear' cannot be used: {reason}; use loss_path='logits' or 'auto'")
     return "logits"
