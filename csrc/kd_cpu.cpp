@@ -369,16 +369,24 @@ void dispatch_divergence(int64_t divergence, bool hard, Fn&& fn) {
   }
 }
 
-// Advises the kernel to back a (fresh) gradient buffer with transparent huge pages:
-// first-touch page faults on an N x V buffer otherwise cost more than the loss itself.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef MADV_HUGEPAGE
+// Prepares a freshly allocated gradient buffer (never the caller's logits): first-touch
+// page faults on an N x V buffer cost more than the loss itself. Transparent huge pages cut
+// their number 512-fold, and touching each 2 MiB page up front, from all threads, lets the
+// kernel zero the pages before the loss runs instead of in the middle of its stores
+// (measured at N=2048, V=32000 fp32: 74 ms -> 64 ms for the whole call).
+void prepare_fresh_buffer(const at::Tensor& t) {
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+  if (last <= first) return;
+#ifdef MADV_HUGEPAGE
+  madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only: may be ignored
 #endif
+  char* page = reinterpret_cast<char*>(first);
+  at::parallel_for(0, static_cast<int64_t>((last - first) / kHuge), 1, [&](int64_t begin_page, int64_t end_page) {
+    for (int64_t i = begin_page; i < end_page; ++i) page[i * kHuge] = 0;  // the loss overwrites it
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
@@ -389,7 +397,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
   const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
   const int64_t vocab = student.size(2);
-  if (grad) advise_huge_pages(*grad);
+  if (grad && !grad->is_alias_of(student)) prepare_fresh_buffer(*grad);
   const at::Tensor coefs_f = coefs.to(at::kFloat).contiguous();
 
   LossParams p{};
