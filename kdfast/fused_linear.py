@@ -23,7 +23,12 @@ from .backends import KernelParams
 from .dispatch import resolve_backend
 from .ops import kd_forward
 
-LOGITS_BUDGET_BYTES = 256 * 2**20  # student + teacher logits of one chunk, when chunk_size is None
+# Bytes of one chunk's student + teacher logits when chunk_size is None. Every chunk reads
+# and writes the whole weight gradient once (its V x H accumulation), so on a GPU, where that
+# traffic is what small chunks cost (and GEMMs want many rows), chunks are larger: 512 MiB
+# is 1024 rows at V = 128256 in bf16, one chunk pair plus a bf16 weight gradient ~1.1 GB.
+LOGITS_BUDGET_BYTES = {"cuda": 512 * 2**20}
+DEFAULT_LOGITS_BUDGET_BYTES = 128 * 2**20
 
 
 def _check_pair(side: str, hidden, weight, bias) -> None:
@@ -52,9 +57,10 @@ def _logits_dtype(weight: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
 
 
-def default_chunk_size(n_rows: int, vocab: int, itemsize: int) -> int:
-    """Rows per chunk such that one chunk's student and teacher logits fit LOGITS_BUDGET_BYTES."""
-    rows = max(1, LOGITS_BUDGET_BYTES // (2 * vocab * itemsize))
+def default_chunk_size(n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
+    """Rows per chunk such that one chunk's student and teacher logits fit the device's budget."""
+    budget = LOGITS_BUDGET_BYTES.get(device.type, DEFAULT_LOGITS_BUDGET_BYTES)
+    rows = max(1, budget // (2 * vocab * itemsize))
     return min(n_rows, max(8, rows // 8 * 8)) if n_rows else 1
 
 
@@ -174,7 +180,7 @@ def compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
     s_dtype, t_dtype = _logits_dtype(student_weight), _logits_dtype(teacher_weight)
     backend = resolve_backend(opts.backend, device, (s_dtype, t_dtype)) if n_rows else "torch"
     itemsize = max(s_dtype.itemsize, t_dtype.itemsize)
-    chunk = chunk_size or default_chunk_size(n_rows, vocab, itemsize)
+    chunk = chunk_size or default_chunk_size(n_rows, vocab, itemsize, device)
     compute_dtype = torch.float64 if torch.float64 in (s_dtype, t_dtype) else torch.float32
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype)
     loss, kd_rows, ce_rows = FusedLinearKDFunction.apply(
@@ -200,7 +206,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             when ``vocab_size`` says how many leading entries the two vocabularies share.
         student_bias, teacher_bias: optional (V,) and (V_t,) lm_head biases.
         labels: optional (...,) token ids, as in kd_loss (ignore_index rows are not counted).
-        chunk_size: tokens per chunk; None picks it so one chunk's logits take about 256 MiB.
+        chunk_size: tokens per chunk; None picks it so one chunk's logits take about 128 MiB (512 MiB on
+            a GPU).
         return_parts: return KDLossParts(loss, kd, hard), the parts detached for logging.
         **options: kd_loss's keywords: temperature, divergence, beta, ignore_index, reduction, scale_t2,
             hard_weight, soft_weight, vocab_size, backend (inplace_backward has no effect: the chunk
