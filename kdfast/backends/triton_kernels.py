@@ -25,6 +25,8 @@ import triton.language as tl
 
 from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams
 
+assert (FORWARD_KL, REVERSE_KL, JSD) == (0, 1, 2)  # the DIVERGENCE codes the kernel tests for
+
 DEVICE_TYPES = ("cuda",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -207,7 +209,11 @@ def _scale_rows_kernel(g_ptr, scale_ptr, rows_per_batch, stride_b, stride_m, voc
 
 
 def _launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): 16 fp32 values per thread per block, at most 4096 per block."""
+    """(BLOCK, num_warps): 8 entries per thread (one 16-byte load of bf16 logits), at most 4096 per block.
+
+    With 4096 x 16 warps the kernel takes 82 registers: one program per SM, which keeps the
+    rows in flight (whose second sweep should hit L2) few. Untuned: see benchmarks/NOTES.md.
+    """
     block = min(4096, triton.next_power_of_2(vocab))
     return block, max(1, min(16, block // 256))
 
@@ -238,5 +244,3 @@ def scale_grad_(grad, grad_output) -> None:
     _scale_rows_kernel[grid](grad, grad_output.float().contiguous(), rows_per_batch, grad.stride(0), grad.stride(1),
                              vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)
 
-
-assert (FORWARD_KL, REVERSE_KL, JSD) == (0, 1, 2)  # the kernel's DIVERGENCE codes
