@@ -21,7 +21,7 @@ from torch import Tensor
 from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab
 from .backends import KernelParams
 from .dispatch import resolve_backend
-from .ops import kd_forward
+from .ops import kd_forward, scale_grad_
 
 # Bytes of one chunk's student + teacher logits when chunk_size is None. Every chunk reads
 # and writes the whole weight gradient once (its V x H accumulation), so on a GPU, where that
@@ -146,11 +146,9 @@ class FusedLinearKDFunction(torch.autograd.Function):
                                             want, row_scale=grad_loss)
         else:
             grads = ctx.saved_tensors
-            scale = grad_loss.item()  # one sync per backward; the usual loss.backward() then skips three passes
-            if scale != 1.0:
-                for g in grads:
-                    if g is not None:
-                        g.mul_(scale)
+            for g in grads:  # as rows, for the same in-place scaling kd_loss's gradient gets
+                if g is not None:
+                    scale_grad_(g.view(1, -1, g.shape[-1]), grad_loss, backend)
         grad_h, grad_w, grad_b = grads
         if vocab < full_vocab:  # rows of the lm_head beyond vocab_size get no gradient
             grad_w = None if grad_w is None else torch.nn.functional.pad(grad_w, (0, 0, 0, full_vocab - vocab))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import KernelParams
-from .dispatch import backend_module, unavailable_reason
+from .dispatch import backend_module
 
 
 @torch.library.custom_op("kdfast::kd_forward", mutates_args=("grad",))
@@ -34,22 +34,15 @@ def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, igno
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
 
 
-def _device_scaler(grad: Tensor):
-    """The fused backend (triton, else cuda) whose scale_grad_ can take this grad, or None."""
-    if grad.is_cuda:
-        for name in ("triton", "cuda"):
-            if unavailable_reason(name) is None and grad.dtype in backend_module(name).DTYPES:
-                return backend_module(name)
-    return None
-
-
 @torch.library.custom_op("kdfast::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
-    """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad."""
+def scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -> None:
+    """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad, by the backend
+    that computed grad when it can do so on the device (see kdfast.backends)."""
+    device_scale = getattr(backend_module(backend), "scale_grad_", None)
     if grad_output.numel() != 1:
         grad.mul_(grad_output.view(grad.shape[0], grad.shape[1], 1))
-    elif (scaler := _device_scaler(grad)) is not None:
-        scaler.scale_grad_(grad, grad_output)  # tests for 1 on the device: no sync
+    elif device_scale is not None:
+        device_scale(grad, grad_output)  # tests for 1 on the device: no sync
     else:
         scale = grad_output.item()
         if scale != 1.0:
@@ -57,7 +50,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
 
 
 @scale_grad_.register_fake
-def _(grad, grad_output):
+def _(grad, grad_output, backend):
     return None
 
 
@@ -85,6 +78,7 @@ class KDLossFunction(torch.autograd.Function):
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.backward_done = False
+        ctx.backend = backend
         return loss, kd_rows, ce_rows
 
     @staticmethod
@@ -95,5 +89,5 @@ class KDLossFunction(torch.autograd.Function):
                                "of using retain_graph=True")
         ctx.backward_done = True
         (grad,) = ctx.saved_tensors
-        scale_grad_(grad, grad_loss)
+        scale_grad_(grad, grad_loss, ctx.backend)
         return grad, None, None, None, None, None, None, None

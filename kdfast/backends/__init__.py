@@ -16,6 +16,9 @@ A backend module exposes
     cross-entropy at T = 1 (zeros unless ``params.hard``), float32 (float64 for float64
     inputs), with 0 at rows whose label is ``ignore_index``. Rows whose logits contain
     NaN or +inf, or are all -inf, give NaN.
+``scale_grad_(grad, grad_output)`` (optional)
+    grad *= grad_output, a one-element tensor, on the device and without a host sync,
+    skipping the pass when it is 1; backends without it get a ``.item()`` check instead.
 
 The public API (kdfast.api) validates everything before a backend is called.
 """
