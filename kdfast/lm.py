@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 import kdfast
 
-from .api import KDLossParts, LossOptions, compute_kd_loss
+from .api import KDLossParts, LossOptions, check_vocab, compute_kd_loss
 
 LOSS_PATHS = ("auto", "fused_linear", "logits")
 # The options of kd_loss that fused_linear_kd_loss takes too (it has no inplace_backward).
@@ -132,14 +132,7 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
         probe_ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     v_student, student_reason = _probe(student, probe_ids)
     v_teacher, teacher_reason = _probe(teacher, probe_ids)
-    if options.vocab_size is None and v_student != v_teacher:
-        raise ValueError(
-            f"the student's vocabulary has {v_student} entries and the teacher's {v_teacher}: distillation needs the "
-            f"same tokenizer. If the first {min(v_student, v_teacher)} entries are the same tokens (a padded "
-            f"vocabulary), set the loss option vocab_size={min(v_student, v_teacher)}")
-    if options.vocab_size is not None and options.vocab_size > min(v_student, v_teacher):
-        raise ValueError(f"loss option vocab_size={options.vocab_size} exceeds the student's ({v_student}) or the "
-                         f"teacher's ({v_teacher}) vocabulary")
+    check_vocab(v_student, v_teacher, options.vocab_size, "the student's output", "the teacher's output")
     if requested == "logits":
         return "logits"
     if not (student_reason or teacher_reason):

@@ -102,7 +102,7 @@ def test_a_student_with_another_vocabulary_is_refused(distill_inputs, capsys):
     path = distill_inputs / "config.yaml"
     path.write_text(DISTILL_YAML.format(dir=distill_inputs, out=distill_inputs / "out", context=CONTEXT))
     assert main(["distill", "--config", str(path), "--set", "student.gpt.vocab_size=64"]) == 2
-    assert "vocabulary has 64 entries and the teacher's 48" in capsys.readouterr().err
+    assert "the student's output has V=64, the teacher's output has V=48" in capsys.readouterr().err
 
 
 def test_missing_optional_dependencies_name_the_extra(monkeypatch, tmp_path):

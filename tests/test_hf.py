@@ -87,7 +87,7 @@ def test_hf_models_train_in_the_kdfast_trainer(tmp_path):
 
 
 def test_hf_vocabulary_mismatch_is_named():
-    with pytest.raises(ValueError, match=f"vocabulary has {VOCAB} entries and the teacher's {VOCAB + 8}"):
+    with pytest.raises(ValueError, match=f"the student's output has V={VOCAB}, the teacher's output has V={VOCAB + 8}"):
         choose_loss_path(llama(16, 1), llama(16, 1, vocab=VOCAB + 8), KD)
     assert choose_loss_path(llama(16, 1), llama(16, 1, vocab=VOCAB + 8), LossOptions(vocab_size=VOCAB)) in \
         expected_paths()

@@ -238,7 +238,7 @@ def test_two_ddp_processes_match_one_process_with_the_same_global_batch(tmp_path
 
 def test_mismatched_vocabularies_fail_early_unless_vocab_size_is_given(tmp_path):
     teacher, student = make_pair(seed=0, vocab=VOCAB + 16, student_vocab=VOCAB)
-    expected = f"student's vocabulary has {VOCAB}.*teacher's {VOCAB + 16}.*vocab_size={VOCAB}"
+    expected = f"the student's output has V={VOCAB}, the teacher's output has V={VOCAB + 16}.*vocab_size={VOCAB}"
     with pytest.raises(ValueError, match=expected):
         DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss=KD)
     padded = LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5, vocab_size=VOCAB)
