@@ -29,11 +29,9 @@ from torch import Tensor, nn
 import kdfast
 
 from .api import KDLossParts, LossOptions, check_vocab, compute_kd_loss
+from .fused_linear import compute_fused_linear_kd_loss
 
 LOSS_PATHS = ("auto", "fused_linear", "logits")
-# The options of kd_loss that fused_linear_kd_loss takes too (it has no inplace_backward).
-_FUSED_OPTIONS = ("temperature", "divergence", "beta", "ignore_index", "reduction", "scale_t2", "hard_weight",
-                  "soft_weight", "vocab_size", "backend")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -175,10 +173,10 @@ class LMDistillLoss:
             return KDLossParts(loss, torch.zeros_like(loss.detach()), loss.detach())
         if fused:
             s_head, t_head = output_head(student), output_head(teacher)
-            return kdfast.fused_linear_kd_loss(
+            return compute_fused_linear_kd_loss(
                 student_out.hidden_states[-1], s_head.weight, teacher_out.hidden_states[-1], t_head.weight,
-                getattr(s_head, "bias", None), getattr(t_head, "bias", None), labels=targets, return_parts=True,
-                **{name: getattr(self.options, name) for name in _FUSED_OPTIONS})
+                getattr(s_head, "bias", None), getattr(t_head, "bias", None), targets, self.options,
+                chunk_size=None, return_parts=True)
         return compute_kd_loss(logits_of(student_out), logits_of(teacher_out), targets, self.options,
                                return_parts=True)
 
