@@ -21,7 +21,7 @@ from torch import Tensor
 from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab
 from .backends import KernelParams
 from .dispatch import resolve_backend
-from .ops import kd_forward, scale_grad_
+from .ops import kd_forward, scale_grad_, weighted_loss
 
 # Bytes of one chunk's student + teacher logits when chunk_size is None. Every chunk reads
 # and writes the whole weight gradient once (its V x H accumulation), so on a GPU, where that
@@ -131,9 +131,8 @@ class FusedLinearKDFunction(torch.autograd.Function):
                                                     chunk, vocab, want)
             ctx.save_for_backward(*grads)
         ctx.per_row = per_row
-        loss = coefs[0] * kd_rows + coefs[1] * ce_rows
         ctx.mark_non_differentiable(kd_rows, ce_rows)
-        return (loss if per_row else loss.sum()), kd_rows, ce_rows
+        return weighted_loss(coefs, kd_rows, ce_rows, per_row), kd_rows, ce_rows
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):

@@ -54,6 +54,12 @@ def _(grad, grad_output, backend):
     return None
 
 
+def weighted_loss(coefs: Tensor, kd_rows: Tensor, ce_rows: Tensor, per_row: bool) -> Tensor:
+    """coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless per_row."""
+    loss_rows = coefs[0].to(kd_rows.dtype) * kd_rows + coefs[1].to(ce_rows.dtype) * ce_rows
+    return loss_rows if per_row else loss_rows.sum()
+
+
 class KDLossFunction(torch.autograd.Function):
     """loss = coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless ``per_row``.
 
@@ -70,10 +76,7 @@ class KDLossFunction(torch.autograd.Function):
             grad = student if inplace else torch.empty_like(student, memory_format=torch.contiguous_format)
         kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
                                       params.beta, params.ignore_index, params.hard, backend)
-        loss_rows = coefs[0].to(kd_rows.dtype) * kd_rows
-        if params.hard:
-            loss_rows = loss_rows + coefs[1].to(ce_rows.dtype) * ce_rows
-        loss = loss_rows if per_row else loss_rows.sum()
+        loss = weighted_loss(coefs, kd_rows, ce_rows, per_row)
         ctx.mark_non_differentiable(kd_rows, ce_rows)
         if grad is not None:
             ctx.save_for_backward(grad)
