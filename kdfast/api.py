@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from .backends import DIVERGENCE_CODES, FORWARD_KL, REVERSE_KL, KernelParams
+from .backends import DIVERGENCE_CODES, FORWARD_KL, REVERSE_KL, KernelParams, compute_dtype
 from .dispatch import BACKENDS, resolve_backend
 from .ops import KDLossFunction
 
@@ -231,7 +231,7 @@ def compute_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
         backend = "torch"  # nothing to launch a kernel for
 
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, student.device,
-                                  torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32)
+                                  compute_dtype(student.dtype, teacher.dtype))
     loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, weights.coefs, opts.kernel_params,
                                                   backend, opts.reduction == "none", opts.inplace_backward)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab
-from .backends import KernelParams
+from .backends import KernelParams, compute_dtype
 from .dispatch import resolve_backend
 from .ops import kd_forward, scale_grad_, weighted_loss
 
@@ -178,8 +178,7 @@ def compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden,
     backend = resolve_backend(opts.backend, device, (s_dtype, t_dtype)) if n_rows else "torch"
     itemsize = max(s_dtype.itemsize, t_dtype.itemsize)
     chunk = chunk_size or default_chunk_size(n_rows, vocab, itemsize, device)
-    compute_dtype = torch.float64 if torch.float64 in (s_dtype, t_dtype) else torch.float32
-    weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype)
+    weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype(s_dtype, t_dtype))
     loss, kd_rows, ce_rows = FusedLinearKDFunction.apply(
         hs, student_weight, student_bias, ht, teacher_weight.detach(),
         None if teacher_bias is None else teacher_bias.detach(), labels, weights.coefs, opts.kernel_params, backend,

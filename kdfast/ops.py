@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import KernelParams
+from .backends import KernelParams, compute_dtype
 from .dispatch import backend_module
 
 
@@ -29,7 +29,7 @@ def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad:
 
 @kd_forward.register_fake
 def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, ignore_index, hard, backend):
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    dtype = compute_dtype(student.dtype, teacher.dtype)
     n_rows = student.shape[0] * student.shape[1]
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
 

@@ -27,8 +27,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
 DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the math and of the row losses: float64 when any input is, else float32."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 class KernelParams(NamedTuple):

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams
+from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams, compute_dtype
 
 DEVICE_TYPES = None  # any device torch supports
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -86,7 +86,7 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
 
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
     n_batch, n_rows, vocab = student.shape
-    dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
+    dtype = compute_dtype(student.dtype, teacher.dtype)
     kd_rows = torch.zeros(n_batch * n_rows, dtype=dtype, device=student.device)
     ce_rows = torch.zeros_like(kd_rows)
     coefs = coefs.to(dtype)
