@@ -36,9 +36,10 @@ def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, igno
 
 @torch.library.custom_op("kdfast::scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -> None:
-    """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad, by the backend
-    that computed grad when it can do so on the device (see kdfast.backends)."""
-    device_scale = getattr(backend_module(backend), "scale_grad_", None)
+    """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad; on a GPU by the
+    backend that computed grad when it can (see kdfast.backends), which avoids a host sync.
+    On the CPU a sync is free and torch's multiply rounds exactly as the reference does."""
+    device_scale = getattr(backend_module(backend), "scale_grad_", None) if grad.device.type != "cpu" else None
     if grad_output.numel() != 1:
         grad.mul_(grad_output.view(grad.shape[0], grad.shape[1], 1))
     elif device_scale is not None:
