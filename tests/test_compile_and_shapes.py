@@ -55,5 +55,9 @@ def test_any_shape_and_options(lead, vocab, divergence, beta, temperature, reduc
     gen = torch.Generator().manual_seed(seed)
     s, t = make_logits(gen, (*lead, vocab), dtype)
     labels = make_labels(gen, tuple(lead), vocab) if with_labels else None
+    # grad_output 1: a bf16/fp16 gradient is then rounded once, and the rounding-based bound
+    # holds however few entries there are; scaled gradients (rounded twice) are tested on
+    # larger tensors in test_correctness.py, where the rounding errors average out.
     run_and_compare(s, t, labels=labels, backend=backend, temperature=temperature, divergence=divergence, beta=beta,
-                    reduction=reduction, hard_weight=0.2 if with_labels else 0.0)
+                    reduction=reduction, hard_weight=0.2 if with_labels else 0.0,
+                    grad_scale=torch.tensor(1.0, dtype=torch.float64))

@@ -50,6 +50,8 @@ def main() -> None:
         trainer.save = save_then_hang
     trainer.train()
     torch.save(trainer.student.state_dict(), Path(args.out_dir) / f"rank{trainer.rank}.pt")
+    if torch.distributed.is_initialized():  # as kdfast.cli does: gloo aborts at exit otherwise, now and then
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
