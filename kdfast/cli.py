@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .api import LossOptions
 from .config import apply_overrides, build, build_model, check_keys, load_config, require, save_weights, section
 from .data import TokenWindows, encode_texts, load_tokens, read_texts, split_files
-from .trainer import DistillTrainer, TrainConfig
+from .trainer import DistillTrainer, TrainConfig, leave_distributed
 
 DISTILL_EXAMPLE = """\
 example config (YAML; TOML with the same keys works too):
@@ -115,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    finished = False
     try:
         config = apply_overrides(load_config(args.config), args.overrides)
         if args.command == "distill":
@@ -123,10 +123,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             from .demo import Demo
 
             Demo(config, args.out).run()
+        finished = True
     except (ValueError, OSError, ImportError) as exc:  # bad input: a message, not a traceback
         print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed(finished)
     return 0

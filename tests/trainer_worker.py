@@ -21,7 +21,7 @@ from helpers_trainer import make_pair, markov_tokens  # noqa: E402
 
 from kdfast import LossOptions  # noqa: E402
 from kdfast.data import TokenWindows  # noqa: E402
-from kdfast.trainer import DistillTrainer, TrainConfig  # noqa: E402
+from kdfast.trainer import DistillTrainer, TrainConfig, leave_distributed  # noqa: E402
 
 STEPS = 8
 
@@ -50,9 +50,8 @@ def main() -> None:
         trainer.save = save_then_hang
     trainer.train()
     torch.save(trainer.student.state_dict(), Path(args.out_dir) / f"rank{trainer.rank}.pt")
-    if torch.distributed.is_initialized():  # as kdfast.cli does: gloo aborts at exit otherwise, now and then
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    main()  # returns with the trainer and its DDP wrapper freed, before the process group goes
+    leave_distributed()
