@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <tuple>
 
 namespace {
@@ -369,11 +370,11 @@ void dispatch_divergence(int64_t divergence, bool hard, Fn&& fn) {
   }
 }
 
-// Prepares a freshly allocated gradient buffer (never the caller's logits): first-touch
-// page faults on an N x V buffer cost more than the loss itself. Transparent huge pages cut
-// their number 512-fold, and touching each 2 MiB page up front, from all threads, lets the
-// kernel zero the pages before the loss runs instead of in the middle of its stores
-// (measured at N=2048, V=32000 fp32: 74 ms -> 64 ms for the whole call).
+// Prepares a freshly allocated gradient buffer: first-touch page faults on an N x V
+// buffer cost more than the loss itself. Transparent huge pages cut their number 512-fold,
+// and touching each 2 MiB page up front, from all threads, lets the kernel zero the pages
+// before the loss runs instead of in the middle of its stores (measured at N=2048,
+// V=32000 fp32: 74 ms -> 64 ms for the whole call).
 void prepare_fresh_buffer(const at::Tensor& t) {
   constexpr uintptr_t kHuge = uintptr_t{1} << 21;
   const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
@@ -389,6 +390,34 @@ void prepare_fresh_buffer(const at::Tensor& t) {
   });
 }
 
+// The storage of the last gradient buffer handed out. Even pre-faulted, fresh pages must
+// be zeroed by the OS, a second full write of the gradient (17 of the 56 ms of the call
+// above), and torch's CPU allocator returns large blocks to the OS at once. So, like
+// torch's CUDA caching allocator, one buffer is kept: once no tensor refers to it any
+// more (the step's backward is done) the next call of the same size reuses it.
+// Leaked on purpose: freeing it during static destruction could outlive the allocator.
+std::mutex buffer_mutex;
+c10::Storage* cached_buffer = new c10::Storage();
+
+at::Tensor gradient_buffer(const at::Tensor& like) {
+  const auto nbytes = static_cast<size_t>(like.numel()) * like.element_size();
+  std::lock_guard<std::mutex> lock(buffer_mutex);
+  c10::Storage& cached = *cached_buffer;
+  const bool reusable = cached && cached.use_count() == 1 && cached.nbytes() == nbytes;
+  if (!reusable) {
+    *cached_buffer = c10::Storage();  // a free buffer of another size goes before the new one comes
+    const at::Tensor fresh = at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+    prepare_fresh_buffer(fresh);
+    *cached_buffer = fresh.storage();
+  }
+  return at::empty({0}, like.options()).set_(cached, 0, like.sizes());
+}
+
+void empty_cache() {
+  std::lock_guard<std::mutex> lock(buffer_mutex);
+  *cached_buffer = c10::Storage();
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels,
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
@@ -397,7 +426,6 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
   const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
   const int64_t vocab = student.size(2);
-  if (grad && !grad->is_alias_of(student)) prepare_fresh_buffer(*grad);
   const at::Tensor coefs_f = coefs.to(at::kFloat).contiguous();
 
   LossParams p{};
@@ -435,4 +463,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("ignore_index"), py::arg("hard"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("gradient_buffer", &gradient_buffer,
+        "A contiguous buffer of like's shape and dtype: the last one handed out if no tensor uses it any more",
+        py::arg("like"), py::call_guard<py::gil_scoped_release>());
+  m.def("empty_cache", &empty_cache, "Releases the gradient buffer kept for reuse");
 }

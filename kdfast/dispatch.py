@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
 from typing import NamedTuple
@@ -68,6 +69,17 @@ def available_backends() -> dict[str, BackendStatus]:
         else:
             status[name] = BackendStatus(False, reason)
     return status
+
+
+def empty_cache() -> None:
+    """Releases the buffers backends keep between calls for reuse (the cpu backend keeps the
+    last gradient buffer, as torch's CUDA allocator keeps freed blocks); the next call
+    allocates afresh. Memory still in use is not affected."""
+    for module_name in _MODULES.values():
+        module = sys.modules.get(module_name)  # a backend never imported keeps nothing
+        release = getattr(module, "empty_cache", None)
+        if release is not None:
+            release()
 
 
 _warned_fallback = False

@@ -61,6 +61,15 @@ def weighted_loss(coefs: Tensor, kd_rows: Tensor, ce_rows: Tensor, per_row: bool
     return loss_rows if per_row else loss_rows.sum()
 
 
+def gradient_buffer(student: Tensor, backend: str) -> Tensor:
+    """A contiguous buffer for the student's gradient, recycled by the backend when it can."""
+    if not torch.compiler.is_compiling():  # a compiled graph allocates its own
+        recycle = getattr(backend_module(backend), "gradient_buffer", None)
+        if recycle is not None:
+            return recycle(student)
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
 class KDLossFunction(torch.autograd.Function):
     """loss = coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless ``per_row``.
 
@@ -74,7 +83,7 @@ class KDLossFunction(torch.autograd.Function):
                 params: KernelParams, backend: str, per_row: bool, inplace: bool):
         grad = None
         if ctx.needs_input_grad[0]:
-            grad = student if inplace else torch.empty_like(student, memory_format=torch.contiguous_format)
+            grad = student if inplace else gradient_buffer(student, backend)
         kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
                                       params.beta, params.ignore_index, params.hard, backend)
         loss = weighted_loss(coefs, kd_rows, ce_rows, per_row)

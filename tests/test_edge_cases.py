@@ -2,6 +2,7 @@
 views, NaN/+inf, empty batches, in-place backward, vocabulary slicing, module form."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -164,6 +165,90 @@ def test_inplace_backward_writes_the_gradient_over_the_logits(gen, backend, devi
     torch.testing.assert_close(logits.detach(), reference.grad)  # consumed: it now holds the gradient
     loss.backward()
     torch.testing.assert_close(leaf.grad, reference.grad)
+
+
+# --- the cpu backend's recycled gradient buffer ---
+
+needs_cpu_backend = pytest.mark.skipif(not kdfast.available_backends()["cpu"].available,
+                                       reason="the cpu extension is not available")
+
+
+def cpu_gradient(s, t, **options):
+    leaf = s.detach().clone().requires_grad_()
+    kdfast.kd_loss(leaf, t, backend="cpu", **options).backward()
+    return leaf.grad
+
+
+def reference_gradient(s, t, **options):
+    leaf = s.detach().double().requires_grad_()
+    kd_loss_reference(leaf, t.double(), **options).backward()
+    return leaf.grad
+
+
+@needs_cpu_backend
+def test_the_gradient_buffer_is_reused_only_once_nothing_refers_to_it():
+    from kdfast.backends import cpu_ext
+
+    like = torch.empty(3, 5, 700, dtype=torch.bfloat16)
+    first = cpu_ext.gradient_buffer(like)
+    address = first.data_ptr()
+    del first
+    second = cpu_ext.gradient_buffer(like)
+    assert second.data_ptr() == address and second.shape == like.shape and second.dtype == like.dtype
+    view = second[1:]  # a view keeps the buffer in use
+    del second
+    third = cpu_ext.gradient_buffer(like)
+    assert third.data_ptr() != view.data_ptr() - view.storage_offset() * view.element_size()
+
+
+@needs_cpu_backend
+def test_a_recycled_gradient_buffer_is_rewritten_everywhere(gen):
+    s, t = make_logits(gen, (8, 515))
+    cpu_gradient(s, t, temperature=2.0)  # leaves its buffer, full of that gradient, for the next call
+    labels = make_labels(gen, (8,), 515, ignore_fraction=0.3)
+    labels[0] = -100
+    labels[1] = 4
+    s[1, 3] = math.nan
+    options = dict(labels=labels, hard_weight=0.5, temperature=1.5)
+    grad = cpu_gradient(s, t, **options)
+    assert torch.isnan(grad[1]).all()
+    assert torch.equal(grad[labels == -100], torch.zeros_like(grad[labels == -100]))
+    rows = (labels != -100) & (torch.arange(8) != 1)
+    expected = reference_gradient(s[rows], t[rows], **{**options, "labels": labels[rows]})
+    expected *= rows.sum() / (labels != -100).sum()  # the reference averages over its own rows
+    assert rel_err(grad[rows], expected) < 1e-5
+
+
+@needs_cpu_backend
+def test_gradients_in_use_are_never_overwritten(gen):
+    s, t = make_logits(gen, (4, 300))
+    s2, t2 = make_logits(gen, (4, 300))
+    a, b = s.clone().requires_grad_(), s2.clone().requires_grad_()
+    (kdfast.kd_loss(a, t, backend="cpu") + kdfast.kd_loss(b, t2, backend="cpu")).backward()  # two buffers at once
+    kept = a.grad.clone()
+    for _ in range(2):
+        cpu_gradient(*make_logits(gen, (4, 300)))
+    assert torch.equal(a.grad, kept)
+    assert rel_err(a.grad, reference_gradient(s, t)) < 1e-5
+    assert rel_err(b.grad, reference_gradient(s2, t2)) < 1e-5
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) * 1024
+
+
+@needs_cpu_backend
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_empty_cache_returns_the_kept_buffer_to_the_os():
+    from kdfast.backends import cpu_ext
+
+    buffer = cpu_ext.gradient_buffer(torch.empty(64, 2**18))  # 64 MiB
+    buffer.fill_(1.0)
+    del buffer
+    kept = _rss_bytes()
+    kdfast.empty_cache()
+    assert _rss_bytes() < kept - 48 * 2**20
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

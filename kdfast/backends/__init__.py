@@ -16,6 +16,10 @@ A backend module exposes
     cross-entropy at T = 1 (zeros unless ``params.hard``), float32 (float64 for float64
     inputs), with 0 at rows whose label is ``ignore_index``. Rows whose logits contain
     NaN or +inf, or are all -inf, give NaN.
+``gradient_buffer(student) -> Tensor`` and ``empty_cache()`` (optional)
+    a contiguous buffer of the student's shape and dtype for ``grad``, which the backend
+    may recycle once no tensor refers to it, and the release of what it keeps; backends
+    without them get ``torch.empty_like``.
 ``scale_grad_(grad, grad_output)`` (optional)
     grad *= grad_output, a one-element tensor, on the device and without a host sync,
     skipping the pass when it is 1; backends without it get a ``.item()`` check instead.

@@ -29,6 +29,15 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def gradient_buffer(student):
+    return _extension().gradient_buffer(student)
+
+
+def empty_cache() -> None:
+    if _extension.cache_info().currsize:  # nothing is kept before the extension is loaded
+        _extension().empty_cache()
+
+
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
     return _extension().kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
                                    params.beta, params.ignore_index, params.hard)
