@@ -45,6 +45,7 @@ struct LossParams {
   int64_t vocab_padded;  // vocab rounded up to whole blocks
   float coef_kd;         // d(total loss)/d(row divergence), already divided by the reduction's count
   float coef_ce;         // d(total loss)/d(row cross-entropy)
+  bool grad_in_cache;    // the gradient is written over the student logits, which sweep 1 just read
 };
 
 // Rows of a (B, M, V) tensor whose last dimension has unit stride.
@@ -259,7 +260,8 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
   const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
   const Vec coef_ce(p.coef_ce), one_minus_beta(1.f - p.beta);
-  const bool stream = reinterpret_cast<uintptr_t>(grad) % (kLanes * sizeof(S)) == 0;
+  // Streaming stores bypass the cache: a win for a cold buffer, a loss over cached logits.
+  const bool stream = !p.grad_in_cache && reinterpret_cast<uintptr_t>(grad) % (kLanes * sizeof(S)) == 0;
   for (int64_t b = 0, blk = 0; b < p.vocab; b += kBlock, ++blk) {
     const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
     const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature);
@@ -437,6 +439,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   p.vocab_padded = (vocab + kBlock - 1) / kBlock * kBlock;
   p.coef_kd = coefs_f.data_ptr<float>()[0];
   p.coef_ce = coefs_f.data_ptr<float>()[1];
+  p.grad_in_cache = grad && grad->is_alias_of(student);
 
   auto kd_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
   auto ce_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
