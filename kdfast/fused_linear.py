@@ -98,7 +98,8 @@ def _chunked_pass(hs, ws, bs, ht, wt, bt, labels, coefs, params: KernelParams, b
     kd_rows = torch.empty(n_rows, dtype=coefs.dtype, device=hs.device)
     ce_rows = torch.empty_like(kd_rows)
     # One pair of logits buffers serves every chunk: on the CPU, fresh memory for each chunk
-    # costs the OS a page-zeroing pass as large as the logits (~12 % of the whole pass).
+    # costs the OS a page-zeroing pass as large as the logits (a fifth of the whole pass at
+    # N=4096, V=32000 fp32).
     s_buf = hs.new_empty(min(chunk, n_rows), vocab)
     t_buf = ht.new_empty(min(chunk, n_rows), vocab)
     need_grad = any(want)
