@@ -219,6 +219,25 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
     assert weights_equal(reference, fresh.state_dict())
 
 
+def test_tensorboard_events_match_the_metrics_log_after_a_resume(tmp_path):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    teacher, student = make_pair(seed=0)
+    cfg = config(tmp_path, checkpoint_every=2, keep_last=3, log_every=1, tensorboard=True)
+    DistillTrainer(student, windows(), cfg, teacher=teacher, loss=KD).train()
+    newest = tmp_path / "run" / "checkpoints" / "step-00000006" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    _, fresh = make_pair(seed=0)
+    with pytest.warns(UserWarning, match="corrupt"):
+        DistillTrainer(fresh, windows(), cfg, teacher=teacher, loss=KD).train()  # steps 5 and 6 are logged again
+    events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    expected = [(r["step"], r["loss"]) for r in records if r["split"] == "train"]
+    assert [step for step, _ in logged] == [step for step, _ in expected] == [1, 2, 3, 4, 5, 6]
+    assert [value for _, value in logged] == pytest.approx([value for _, value in expected], rel=1e-6)
+
+
 # --- several processes ---
 
 @pytest.mark.slow
