@@ -27,10 +27,17 @@ def _rows_per_block(vocab: int) -> int:
     return max(1, REFERENCE_BLOCK // vocab)
 
 
-def _leaf(x: Tensor, requires_grad: bool, fresh: bool) -> Tensor:
-    """x as a leaf that (does not) require grad; a copy when fresh (inplace_backward overwrites it)."""
-    x = x.detach().clone() if fresh else x
+def _leaf(x: Tensor, requires_grad: bool) -> Tensor:
+    """x as a leaf that (does not) require grad."""
     return x.requires_grad_(requires_grad)
+
+
+def _consumable(x: Tensor, requires_grad: bool) -> tuple[Tensor, Tensor]:
+    """(a fresh copy of x for inplace_backward to overwrite, the leaf its gradient reaches). The copy is
+    a differentiable clone, as logits from an lm_head are non-leaf tensors: kdfast refuses to overwrite
+    a leaf that requires grad."""
+    leaf = x.detach().requires_grad_(requires_grad)
+    return leaf.clone(), leaf
 
 
 class LogitsProblem:
@@ -52,8 +59,11 @@ class LogitsProblem:
 
     def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
         """(the loss function's tensor arguments, the ones that get a gradient)."""
-        student = _leaf(self.student, requires_grad, fresh)
-        return (student, self.teacher), [student] if requires_grad else []
+        if fresh:  # inplace_backward overwrites it
+            student, leaf = _consumable(self.student, requires_grad)
+        else:
+            student = leaf = _leaf(self.student, requires_grad)
+        return (student, self.teacher), [leaf] if requires_grad else []
 
     def release(self) -> None:
         self.student.requires_grad_(False).grad = None
@@ -102,8 +112,8 @@ class FusedLinearProblem:
         return {"problem": self.kind, "n": self.n, "v": self.v, "hs": self.hs, "ht": self.ht, "dtype": self.dtype}
 
     def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
-        sh = _leaf(self.student_hidden, requires_grad, fresh)
-        sw = _leaf(self.student_weight, requires_grad, fresh)
+        sh = _leaf(self.student_hidden, requires_grad)
+        sw = _leaf(self.student_weight, requires_grad)
         return (sh, sw, self.teacher_hidden, self.teacher_weight), [sh, sw] if requires_grad else []
 
     def release(self) -> None:

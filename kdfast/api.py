@@ -7,8 +7,9 @@ stride along V (kdfast.backends describes that contract).
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from numbers import Real
 from typing import NamedTuple, Optional
 
@@ -100,6 +101,20 @@ class LossOptions:
         return self.temperature**2 if self.scale_t2 else 1.0
 
 
+def loss_options(function: str, options: dict, other_keywords: tuple[str, ...] = ()) -> LossOptions:
+    """LossOptions(**options) for a call of ``function``, whose error for an unknown option names
+    that function, the closest valid name and every valid one."""
+    names = tuple(f.name for f in fields(LossOptions))
+    unknown = [key for key in options if key not in names]
+    if unknown:
+        valid = sorted(names + other_keywords)
+        close = difflib.get_close_matches(unknown[0], valid, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}{hint} "
+                        f"(valid keywords: {', '.join(valid)})")
+    return LossOptions(**options)
+
+
 def _check_logits(name: str, x) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -137,7 +152,13 @@ def check_vocab(v_s: int, v_t: int, vocab_size: Optional[int], student_name: str
 
 
 def check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: int, opts: LossOptions):
-    """labels as a contiguous int64 (N,) tensor (or None), after checking them."""
+    """labels as a contiguous int64 (N,) tensor (or None), after checking them.
+
+    Labels decide which rows count whatever hard_weight is, so their values are checked
+    always: on the CPU here (a ValueError); on a GPU that check would wait for the device
+    (and break CUDA-graph capture), so there the kernels make a row with a label outside
+    [0, V) and not ignore_index a NaN row instead.
+    """
     if labels is None:
         if opts.hard_weight > 0:
             raise ValueError(f"hard_weight={opts.hard_weight} needs labels (the hard targets), got labels=None")
@@ -151,13 +172,39 @@ def check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: in
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the inputs are on {device}")
     labels = labels.reshape(-1).to(torch.int64).contiguous()
-    if opts.hard_weight > 0 and not torch.compiler.is_compiling():
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         valid = ((labels >= 0) & (labels < vocab)) | (labels == opts.ignore_index)
         if not bool(valid.all()):
             bad = labels[~valid][0].item()
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={opts.ignore_index}; "
-                             f"found {bad}")
+                             f"found {bad} (labels decide which rows count even when hard_weight=0)")
     return labels
+
+
+def _byte_span(t: Tensor) -> tuple[int, int]:
+    """[first, last) addresses of the bytes t can touch."""
+    extent = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+
+
+def check_inplace(student_logits: Tensor, student: Tensor, teacher: Tensor) -> None:
+    """inplace_backward overwrites the student rows while the kernel reads them: refuse a leaf that
+    autograd must keep, and memory that other rows (or the teacher) read too."""
+    if student_logits.is_leaf and student_logits.requires_grad:
+        raise ValueError("inplace_backward=True would overwrite student_logits, a leaf tensor that requires grad "
+                         "(autograd needs its values); pass the output of a layer (e.g. the lm_head's logits), or "
+                         "inplace_backward=False")
+    if student.numel() == 0:
+        return
+    if torch._debug_has_internal_overlap(student) == 1:
+        raise ValueError("inplace_backward=True cannot write the gradient over student_logits: some of its rows "
+                         "share memory (e.g. an expanded tensor), so one row's gradient would overwrite another's "
+                         "logits; pass a tensor with its own memory, or inplace_backward=False")
+    (s0, s1), (t0, t1) = _byte_span(student), _byte_span(teacher)
+    if teacher.numel() and s0 < t1 and t0 < s1:
+        raise ValueError("inplace_backward=True cannot write the gradient over student_logits: they share memory "
+                         "with teacher_logits (e.g. shifted views of one tensor), whose values would be overwritten "
+                         "before they are read; pass inplace_backward=False")
 
 
 def _leading_dims_collapse(x: Tensor, first: int) -> bool:
@@ -232,8 +279,11 @@ def compute_kd_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Opti
 
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, student.device,
                                   compute_dtype(student.dtype, teacher.dtype))
+    inplace = opts.inplace_backward and student.requires_grad and torch.is_grad_enabled()
+    if inplace:
+        check_inplace(student_logits, student, teacher)
     loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, weights.coefs, opts.kernel_params,
-                                                  backend, opts.reduction == "none", opts.inplace_backward)
+                                                  backend, opts.reduction == "none", inplace)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
@@ -280,7 +330,7 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, *, return_parts: bool = False, **options):
         super().__init__()
-        self.options = LossOptions(**options)
+        self.options = loss_options("KDLoss", options, ("return_parts",))
         self.return_parts = return_parts
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None):

@@ -18,10 +18,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab
+from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab, loss_options
 from .backends import KernelParams, compute_dtype
 from .dispatch import resolve_backend
-from .ops import kd_forward, scale_grad_, weighted_loss
+from .ops import kd_forward, scale_grad_, start_backward, weighted_loss
 
 # Bytes of one chunk's student + teacher logits when chunk_size is None. Every chunk reads
 # and writes the whole weight gradient once (its V x H accumulation), so on a GPU, where that
@@ -29,6 +29,10 @@ from .ops import kd_forward, scale_grad_, weighted_loss
 # is 1024 rows at V = 128256 in bf16, one chunk pair plus a bf16 weight gradient ~1.1 GB.
 LOGITS_BUDGET_BYTES = {"cuda": 512 * 2**20}
 DEFAULT_LOGITS_BUDGET_BYTES = 128 * 2**20
+
+
+# The keywords of fused_linear_kd_loss besides the loss options, for the unknown-option error.
+FUSED_LINEAR_KEYWORDS = ("student_bias", "teacher_bias", "labels", "chunk_size", "return_parts")
 
 
 def _check_pair(side: str, hidden, weight, bias) -> None:
@@ -152,6 +156,7 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
+        start_backward(ctx, "fused_linear_kd_loss", once=not ctx.per_row)  # per_row recomputes its chunks
         params, backend, chunk, vocab, full_vocab, want = ctx.setup
         if ctx.per_row:
             hs, ws, bs, ht, wt, bt, labels, coefs = ctx.saved_tensors
@@ -226,7 +231,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             logits are always reused for their gradient).
     """
     return compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                        student_bias, teacher_bias, labels, LossOptions(**options), chunk_size,
+                                        student_bias, teacher_bias, labels,
+                                        loss_options("fused_linear_kd_loss", options, FUSED_LINEAR_KEYWORDS), chunk_size,
                                         return_parts)
 
 
@@ -235,7 +241,7 @@ class FusedLinearKDLoss(torch.nn.Module):
 
     def __init__(self, *, chunk_size: Optional[int] = None, return_parts: bool = False, **options):
         super().__init__()
-        self.options = LossOptions(**options)
+        self.options = loss_options("FusedLinearKDLoss", options, ("chunk_size", "return_parts"))
         self.chunk_size = chunk_size
         self.return_parts = return_parts
 

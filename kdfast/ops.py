@@ -70,12 +70,32 @@ def gradient_buffer(student: Tensor, backend: str) -> Tensor:
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+def start_backward(ctx, loss_name: str, once: bool = True) -> None:
+    """Checks that the backward of a loss whose gradient was computed in forward can run: without
+    create_graph (the gradient has no graph of its own to differentiate), and, when the gradient
+    is consumed by its backward, once per forward."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{loss_name} has no second derivative: its gradient is computed during the forward pass "
+                           "by a fused kernel, outside autograd, so backward with create_graph=True (double "
+                           "backward, e.g. a gradient penalty or gradgradcheck) cannot be differentiated again")
+    if once and getattr(ctx, "backward_done", False):
+        raise RuntimeError(f"{loss_name}'s backward already ran for this forward: kdfast computes the gradient "
+                           "during the forward pass and hands it to autograd, scaled in place, in the first "
+                           "backward, so a second backward through the same loss (retain_graph=True) has no "
+                           "gradient left to give; compute the loss again for a second backward")
+    ctx.backward_done = True
+
+
 class KDLossFunction(torch.autograd.Function):
     """loss = coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless ``per_row``.
 
     The gradient is computed in forward (or not at all when no gradient is needed), kept
     in a buffer, or in the student logits themselves when ``inplace``, and scaled by
-    grad_output in backward.
+    grad_output in backward. Writing over the student bumps its version counter (the custom
+    op declares the mutation), so a use of the logits that autograd saved earlier raises
+    PyTorch's in-place error. (Marking it dirty would also catch later uses, but autograd
+    then routes the gradient of a view through copies of its whole base, which costs more
+    memory than the overwrite saves.)
     """
 
     @staticmethod
@@ -90,17 +110,12 @@ class KDLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(kd_rows, ce_rows)
         if grad is not None:
             ctx.save_for_backward(grad)
-        ctx.backward_done = False
         ctx.backend = backend
         return loss, kd_rows, ce_rows
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
-        if ctx.backward_done:
-            raise RuntimeError("kdfast computes the gradient of kd_loss in the forward pass and scales it in place "
-                               "in backward, so backward can run once per forward; call the loss again instead "
-                               "of using retain_graph=True")
-        ctx.backward_done = True
+        start_backward(ctx, "kd_loss")
         (grad,) = ctx.saved_tensors
         scale_grad_(grad, grad_loss, ctx.backend)
         return grad, None, None, None, None, None, None, None

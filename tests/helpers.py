@@ -72,3 +72,15 @@ def run_and_compare(student, teacher, *, labels=None, backend, grad_scale=None, 
     assert loss_err <= loss_tol, f"loss {loss.tolist()} vs reference {ref.tolist()}: relative error {loss_err:.2e}"
     assert grad_err <= grad_tol, f"gradient relative error {grad_err:.2e} > {grad_tol:.2e}"
     return loss, ref, loss_err, grad_err
+
+
+def make_inputs(gen, n, hs, ht, vocab, teacher_vocab=None, dtype=torch.float32, device="cpu"):
+    """Hidden states and lm_heads whose logits have a realistic spread (std ~ 3)."""
+    teacher_vocab = teacher_vocab or vocab
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    return dict(student_hidden=randn(n, hs), student_weight=randn(vocab, hs, scale=3 / hs**0.5),
+                teacher_hidden=randn(n, ht), teacher_weight=randn(teacher_vocab, ht, scale=3 / ht**0.5),
+                student_bias=randn(vocab, scale=0.5), teacher_bias=randn(teacher_vocab, scale=0.5))

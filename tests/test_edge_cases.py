@@ -295,7 +295,7 @@ def test_second_backward_is_a_clear_error(gen):
     s.requires_grad_()
     loss = kdfast.kd_loss(s, t)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward can run once per forward"):
+    with pytest.raises(RuntimeError, match="backward already ran for this forward"):
         loss.backward()
 
 

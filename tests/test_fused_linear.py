@@ -4,24 +4,12 @@ the student's hidden states, lm_head weight and bias."""
 import pytest
 import torch
 from conftest import interpreted, runnable_backends
-from helpers import make_labels, rel_err
+from helpers import make_inputs, make_labels, rel_err
 
 import kdfast
 from kdfast.reference import kd_loss_reference
 
 BACKENDS = runnable_backends()
-
-
-def make_inputs(gen, n, hs, ht, vocab, teacher_vocab=None, dtype=torch.float32, device="cpu"):
-    """Hidden states and lm_heads whose logits have a realistic spread (std ~ 3)."""
-    teacher_vocab = teacher_vocab or vocab
-
-    def randn(*shape, scale=1.0):
-        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
-
-    return dict(student_hidden=randn(n, hs), student_weight=randn(vocab, hs, scale=3 / hs**0.5),
-                teacher_hidden=randn(n, ht), teacher_weight=randn(teacher_vocab, ht, scale=3 / ht**0.5),
-                student_bias=randn(vocab, scale=0.5), teacher_bias=randn(teacher_vocab, scale=0.5))
 
 
 def check(inputs, labels, backend, tol, **options):
