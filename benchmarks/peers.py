@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.dispatch import BACKENDS, backend_module
+from kdfast.backends.registry import BACKENDS, backend_module
 
 from .problems import MODES
 

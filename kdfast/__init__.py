@@ -1,7 +1,7 @@
 """kdfast: fast, memory-efficient knowledge-distillation losses for large-vocabulary language models."""
 
 from .api import KDLoss, KDLossParts, LossOptions, kd_loss
-from .dispatch import available_backends, empty_cache
+from .backends.registry import available_backends, empty_cache
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 
 __all__ = ["FusedLinearKDLoss", "KDLoss", "KDLossParts", "LossOptions", "available_backends",

@@ -13,15 +13,17 @@ grad_output is only known in backward: there the chunks are recomputed in backwa
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from .api import LossOptions, ReductionWeights, check_labels, check_same_tokens, check_vocab, loss_options
 from .backends import KernelParams, compute_dtype
-from .dispatch import resolve_backend
-from .ops import kd_forward, scale_grad_, start_backward, weighted_loss
+from .backends.registry import resolve_backend
+from .inputs import check_labels, check_same_tokens, check_vocab
+from .ops import kd_forward, scale_grad_, start_backward
+from .options import LossOptions, check_positive_int, loss_options
+from .reduction import ReductionWeights, weighted_loss
 
 # Bytes of one chunk's student + teacher logits when chunk_size is None. Every chunk reads
 # and writes the whole weight gradient once (its V x H accumulation), so on a GPU, where that
@@ -35,7 +37,43 @@ DEFAULT_LOGITS_BUDGET_BYTES = 128 * 2**20
 FUSED_LINEAR_KEYWORDS = ("student_bias", "teacher_bias", "labels", "chunk_size", "return_parts")
 
 
-def _check_pair(side: str, hidden, weight, bias) -> None:
+def _logits_dtype(weight: Tensor) -> torch.dtype:
+    device = weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+
+
+def default_chunk_size(n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
+    """Rows per chunk such that one chunk's student and teacher logits fit the device's budget."""
+    budget = LOGITS_BUDGET_BYTES.get(device.type, DEFAULT_LOGITS_BUDGET_BYTES)
+    rows = max(1, budget // (2 * vocab * itemsize))
+    return min(n_rows, max(8, rows // 8 * 8)) if n_rows else 1
+
+
+class LinearHead(NamedTuple):
+    """One side's output layer on its final hidden states: logits = hidden @ weight.T + bias."""
+
+    hidden: Tensor  # (N, H)
+    weight: Tensor  # (V, H)
+    bias: Optional[Tensor]  # (V,) or None
+
+    def first(self, vocab: int) -> LinearHead:
+        """The head of the first ``vocab`` logits."""
+        return LinearHead(self.hidden, self.weight[:vocab], None if self.bias is None else self.bias[:vocab])
+
+    def in_logits_dtype(self) -> LinearHead:
+        """The operands in the dtype the logits' matmul runs in (autocast's, if on), cast once."""
+        dtype = _logits_dtype(self.weight)
+        return LinearHead(*(None if x is None else x.to(dtype) for x in self))
+
+    def logits_into(self, out: Tensor, rows: slice) -> Tensor:
+        """hidden[rows] @ weight.T + bias, written into out."""
+        if self.bias is None:
+            return torch.mm(self.hidden[rows], self.weight.t(), out=out)
+        return torch.addmm(self.bias, self.hidden[rows], self.weight.t(), out=out)
+
+
+def _check_head(side: str, head: LinearHead) -> None:
+    hidden, weight, bias = head
     for name, x in ((f"{side}_hidden", hidden), (f"{side}_weight", weight)):
         if not isinstance(x, Tensor) or not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
@@ -56,16 +94,21 @@ def _check_pair(side: str, hidden, weight, bias) -> None:
                         "run under torch.autocast")
 
 
-def _logits_dtype(weight: Tensor) -> torch.dtype:
-    device = weight.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+class HeadGrads(NamedTuple):
+    """Gradients of a student LinearHead's tensors (None where not wanted)."""
+
+    hidden: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
 
 
-def default_chunk_size(n_rows: int, vocab: int, itemsize: int, device: torch.device) -> int:
-    """Rows per chunk such that one chunk's student and teacher logits fit the device's budget."""
-    budget = LOGITS_BUDGET_BYTES.get(device.type, DEFAULT_LOGITS_BUDGET_BYTES)
-    rows = max(1, budget // (2 * vocab * itemsize))
-    return min(n_rows, max(8, rows // 8 * 8)) if n_rows else 1
+class ChunkPlan(NamedTuple):
+    """How the tokens are walked: rows per chunk, the logits compared, and the kernel that compares them."""
+
+    rows: int
+    vocab: int  # the first vocab logits of each side are compared
+    backend: str
+    params: KernelParams
 
 
 def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) -> None:
@@ -76,134 +119,122 @@ def _accumulate_weight_grad(acc: Tensor, grad_logits: Tensor, hidden: Tensor) ->
         acc.add_(grad_logits.t() @ hidden)
 
 
-def _as_logits_dtype(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """The operands of one side's logits in the dtype its matmul runs in (autocast's, if on)."""
-    dtype = _logits_dtype(weight)
-    return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
-
-
-def _logits_into(out: Tensor, hidden: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """hidden @ weight.T + bias, written into out."""
-    if bias is None:
-        return torch.mm(hidden, weight.t(), out=out)
-    return torch.addmm(bias, hidden, weight.t(), out=out)
-
-
-def _chunked_pass(hs, ws, bs, ht, wt, bt, labels, coefs, params: KernelParams, backend: str, chunk: int,
-                  vocab: int, want: tuple[bool, bool, bool], row_scale: Optional[Tensor] = None):
-    """Per-row divergence and cross-entropy over all chunks, and the gradients flagged in want
-    (hidden, weight, bias), each row's weighted by row_scale when given."""
-    n_rows = hs.shape[0]
-    grad_h = torch.zeros_like(hs) if want[0] else None
-    grad_w = torch.zeros_like(ws[:vocab]) if want[1] else None
-    grad_b = torch.zeros_like(bs[:vocab]) if want[2] else None
-    hs, ws, bs = _as_logits_dtype(hs, ws[:vocab], None if bs is None else bs[:vocab])
-    ht, wt, bt = _as_logits_dtype(ht, wt[:vocab], None if bt is None else bt[:vocab])
-    kd_rows = torch.empty(n_rows, dtype=coefs.dtype, device=hs.device)
+def _chunked_pass(student: LinearHead, teacher: LinearHead, labels: Optional[Tensor], coefs: Tensor,
+                  plan: ChunkPlan, wanted: tuple[bool, bool, bool], row_scale: Optional[Tensor] = None):
+    """Per-row divergence and cross-entropy over all chunks, and the student's gradients that are
+    wanted (hidden, weight, bias), each row's weighted by row_scale when given."""
+    student, teacher = student.first(plan.vocab), teacher.first(plan.vocab)
+    n_rows = student.hidden.shape[0]
+    grads = HeadGrads(*(torch.zeros_like(x) if want else None for x, want in zip(student, wanted)))
+    student, teacher = student.in_logits_dtype(), teacher.in_logits_dtype()
+    kd_rows = torch.empty(n_rows, dtype=coefs.dtype, device=student.hidden.device)
     ce_rows = torch.empty_like(kd_rows)
     # One pair of logits buffers serves every chunk: on the CPU, fresh memory for each chunk
     # costs the OS a page-zeroing pass as large as the logits (a fifth of the whole pass at
     # N=4096, V=32000 fp32).
-    s_buf = hs.new_empty(min(chunk, n_rows), vocab)
-    t_buf = ht.new_empty(min(chunk, n_rows), vocab)
-    need_grad = any(want)
-    for r0 in range(0, n_rows, chunk):
-        r1 = min(n_rows, r0 + chunk)
-        with torch.no_grad(), torch.autocast(hs.device.type, enabled=False):  # the operands are cast already
-            t_logits = _logits_into(t_buf[:r1 - r0], ht[r0:r1], wt, bt)
-            s_logits = _logits_into(s_buf[:r1 - r0], hs[r0:r1], ws, bs)
-            chunk_labels = None if labels is None else labels[r0:r1]
+    s_buf = student.hidden.new_empty(min(plan.rows, n_rows), plan.vocab)
+    t_buf = teacher.hidden.new_empty(min(plan.rows, n_rows), plan.vocab)
+    need_grad = any(wanted)
+    params = plan.params
+    for r0 in range(0, n_rows, plan.rows):
+        rows = slice(r0, min(n_rows, r0 + plan.rows))
+        with torch.no_grad(), torch.autocast(student.hidden.device.type, enabled=False):  # operands cast already
+            t_logits = teacher.logits_into(t_buf[:rows.stop - r0], rows)
+            s_logits = student.logits_into(s_buf[:rows.stop - r0], rows)
             # The kernel writes the logits' gradient over the student logits (ours to reuse).
             grad_logits = s_logits if need_grad else None
-            kd, ce = kd_forward(s_logits.unsqueeze(0), t_logits.unsqueeze(0), chunk_labels,
-                                None if grad_logits is None else grad_logits.unsqueeze(0), coefs,
-                                params.temperature, params.divergence, params.beta, params.ignore_index,
-                                params.hard, backend)
-            kd_rows[r0:r1] = kd
-            ce_rows[r0:r1] = ce
+            kd_rows[rows], ce_rows[rows] = kd_forward(
+                s_logits.unsqueeze(0), t_logits.unsqueeze(0), None if labels is None else labels[rows],
+                None if grad_logits is None else grad_logits.unsqueeze(0), coefs, params.temperature,
+                params.divergence, params.beta, params.ignore_index, params.hard, plan.backend)
             if not need_grad:
                 continue
             if row_scale is not None:
-                grad_logits.mul_(row_scale[r0:r1, None].to(grad_logits.dtype))
-            if grad_h is not None:
-                grad_h[r0:r1] = grad_logits @ ws
-            if grad_w is not None:
-                _accumulate_weight_grad(grad_w, grad_logits, hs[r0:r1])
-            if grad_b is not None:
-                grad_b += grad_logits.sum(0, dtype=torch.float32).to(grad_b.dtype)
-    return kd_rows, ce_rows, (grad_h, grad_w, grad_b)
+                grad_logits.mul_(row_scale[rows, None].to(grad_logits.dtype))
+            if grads.hidden is not None:
+                grads.hidden[rows] = grad_logits @ student.weight
+            if grads.weight is not None:
+                _accumulate_weight_grad(grads.weight, grad_logits, student.hidden[rows])
+            if grads.bias is not None:
+                grads.bias.add_(grad_logits.sum(0, dtype=torch.float32).to(grads.bias.dtype))
+    return kd_rows, ce_rows, grads
+
+
+def _pad_to(grad: Optional[Tensor], full_vocab: int) -> Optional[Tensor]:
+    """A gradient of the first rows of a head's weight or bias as one of the whole: rows of the
+    lm_head beyond vocab_size get no gradient."""
+    if grad is None or grad.shape[0] == full_vocab:
+        return grad
+    return torch.nn.functional.pad(grad, (0, 0) * (grad.dim() - 1) + (0, full_vocab - grad.shape[0]))
 
 
 class FusedLinearKDFunction(torch.autograd.Function):
+    """The loss of a student head (hidden, weight, bias: the tensors that get gradients) against
+    a teacher head. The gradients are computed in forward and scaled in backward, except for
+    per-row losses, whose per-row grad_output is only known in backward: those chunks are
+    recomputed there."""
+
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, labels, coefs, params: KernelParams, backend: str, chunk: int,
-                vocab: int, per_row: bool):
-        want = tuple(ctx.needs_input_grad[:3])
-        device_type = hs.device.type
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher: LinearHead,
+                labels: Optional[Tensor], coefs: Tensor, plan: ChunkPlan, per_row: bool):
+        student = LinearHead(hidden, weight, bias)
+        wanted = tuple(ctx.needs_input_grad[:3])
+        device_type = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        ctx.setup = (params, backend, chunk, vocab, ws.shape[0], want)
-        if per_row:  # the gradient needs the per-row grad_output: recomputed in backward
-            kd_rows, ce_rows, _ = _chunked_pass(hs, ws, bs, ht, wt, bt, labels, coefs, params, backend, chunk,
-                                                vocab, (False, False, False))
-            ctx.save_for_backward(hs, ws, bs, ht, wt, bt, labels, coefs)
+        ctx.plan, ctx.wanted, ctx.per_row = plan, wanted, per_row
+        if per_row:
+            kd_rows, ce_rows, _ = _chunked_pass(student, teacher, labels, coefs, plan, (False, False, False))
+            ctx.save_for_backward(*student, *teacher, labels, coefs)
         else:
-            kd_rows, ce_rows, grads = _chunked_pass(hs, ws, bs, ht, wt, bt, labels, coefs, params, backend,
-                                                    chunk, vocab, want)
+            kd_rows, ce_rows, grads = _chunked_pass(student, teacher, labels, coefs, plan, wanted)
             ctx.save_for_backward(*grads)
-        ctx.per_row = per_row
+        ctx.full_vocab = weight.shape[0]
         ctx.mark_non_differentiable(kd_rows, ce_rows)
         return weighted_loss(coefs, kd_rows, ce_rows, per_row), kd_rows, ce_rows
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
         start_backward(ctx, "fused_linear_kd_loss", once=not ctx.per_row)  # per_row recomputes its chunks
-        params, backend, chunk, vocab, full_vocab, want = ctx.setup
         if ctx.per_row:
-            hs, ws, bs, ht, wt, bt, labels, coefs = ctx.saved_tensors
-            device_type = hs.device.type
-            with torch.autocast(device_type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                _, _, grads = _chunked_pass(hs, ws, bs, ht, wt, bt, labels, coefs, params, backend, chunk, vocab,
-                                            want, row_scale=grad_loss)
+            saved = ctx.saved_tensors
+            student, teacher, (labels, coefs) = LinearHead(*saved[:3]), LinearHead(*saved[3:6]), saved[6:]
+            enabled, dtype = ctx.autocast
+            with torch.autocast(student.hidden.device.type, dtype=dtype, enabled=enabled):
+                _, _, grads = _chunked_pass(student, teacher, labels, coefs, ctx.plan, ctx.wanted,
+                                            row_scale=grad_loss)
         else:
-            grads = ctx.saved_tensors
+            grads = HeadGrads(*ctx.saved_tensors)
             for g in grads:  # as rows, for the same in-place scaling kd_loss's gradient gets
                 if g is not None:
-                    scale_grad_(g.view(1, -1, g.shape[-1]), grad_loss, backend)
-        grad_h, grad_w, grad_b = grads
-        if vocab < full_vocab:  # rows of the lm_head beyond vocab_size get no gradient
-            grad_w = None if grad_w is None else torch.nn.functional.pad(grad_w, (0, 0, 0, full_vocab - vocab))
-            grad_b = None if grad_b is None else torch.nn.functional.pad(grad_b, (0, full_vocab - vocab))
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+                    scale_grad_(g.view(1, -1, g.shape[-1]), grad_loss, ctx.plan.backend)
+        return grads.hidden, _pad_to(grads.weight, ctx.full_vocab), _pad_to(grads.bias, ctx.full_vocab), \
+            None, None, None, None, None
 
 
-def compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                                 teacher_bias, labels, opts: LossOptions, chunk_size: Optional[int],
-                                 return_parts: bool = False):
-    """fused_linear_kd_loss with validated options: checks the tensors, then runs the chunks."""
-    _check_pair("student", student_hidden, student_weight, student_bias)
-    _check_pair("teacher", teacher_hidden, teacher_weight, teacher_bias)
-    check_same_tokens("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
-    vocab = check_vocab(student_weight.shape[0], teacher_weight.shape[0], opts.vocab_size, "student_weight",
+def _fused_linear_kd_loss_with_options(student: LinearHead, teacher: LinearHead, labels: Optional[Tensor],
+                                       opts: LossOptions, chunk_size: Optional[int], return_parts: bool = False):
+    """fused_linear_kd_loss once its options are validated: checks the tensors, then runs the chunks."""
+    _check_head("student", student)
+    _check_head("teacher", teacher)
+    check_same_tokens("student_hidden", student.hidden, "teacher_hidden", teacher.hidden)
+    check_positive_int("chunk_size", chunk_size, allow_none=True)
+    vocab = check_vocab(student.weight.shape[0], teacher.weight.shape[0], opts.vocab_size, "student_weight",
                         "teacher_weight")
-    lead_shape = student_hidden.shape[:-1]
-    device = student_hidden.device
+    lead_shape = student.hidden.shape[:-1]
+    device = student.hidden.device
     labels = check_labels(labels, lead_shape, device, vocab, opts)
-    hs = student_hidden.reshape(-1, student_hidden.shape[-1])
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
-    n_rows = hs.shape[0]
+    student = student._replace(hidden=student.hidden.reshape(-1, student.hidden.shape[-1]))
+    teacher = LinearHead(*(None if x is None else x.detach() for x in teacher))
+    teacher = teacher._replace(hidden=teacher.hidden.reshape(-1, teacher.hidden.shape[-1]))
+    n_rows = student.hidden.shape[0]
 
-    s_dtype, t_dtype = _logits_dtype(student_weight), _logits_dtype(teacher_weight)
+    s_dtype, t_dtype = _logits_dtype(student.weight), _logits_dtype(teacher.weight)
     backend = resolve_backend(opts.backend, device, (s_dtype, t_dtype)) if n_rows else "torch"
-    itemsize = max(s_dtype.itemsize, t_dtype.itemsize)
-    chunk = chunk_size or default_chunk_size(n_rows, vocab, itemsize, device)
+    rows = chunk_size or default_chunk_size(n_rows, vocab, max(s_dtype.itemsize, t_dtype.itemsize), device)
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype(s_dtype, t_dtype))
     loss, kd_rows, ce_rows = FusedLinearKDFunction.apply(
-        hs, student_weight, student_bias, ht, teacher_weight.detach(),
-        None if teacher_bias is None else teacher_bias.detach(), labels, weights.coefs, opts.kernel_params, backend,
-        chunk, vocab, opts.reduction == "none")
+        *student, teacher, labels, weights.coefs, ChunkPlan(rows, vocab, backend, opts.kernel_params),
+        opts.reduction == "none")
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
@@ -230,10 +261,9 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             hard_weight, soft_weight, vocab_size, backend (inplace_backward has no effect: the chunk
             logits are always reused for their gradient).
     """
-    return compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                        student_bias, teacher_bias, labels,
-                                        loss_options("fused_linear_kd_loss", options, FUSED_LINEAR_KEYWORDS), chunk_size,
-                                        return_parts)
+    return _fused_linear_kd_loss_with_options(
+        LinearHead(student_hidden, student_weight, student_bias), LinearHead(teacher_hidden, teacher_weight, teacher_bias),
+        labels, loss_options("fused_linear_kd_loss", options, FUSED_LINEAR_KEYWORDS), chunk_size, return_parts)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -248,6 +278,15 @@ class FusedLinearKDLoss(torch.nn.Module):
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
                 teacher_weight: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None):
-        return compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                            student_bias, teacher_bias, labels, self.options, self.chunk_size,
-                                            self.return_parts)
+        return _fused_linear_kd_loss_with_options(
+            LinearHead(student_hidden, student_weight, student_bias),
+            LinearHead(teacher_hidden, teacher_weight, teacher_bias), labels, self.options, self.chunk_size,
+            self.return_parts)
+
+
+# Transitional name for kdfast.lm until the training stack moves onto the public API.
+def compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
+                                 teacher_bias, labels, opts, chunk_size, return_parts=False):
+    return _fused_linear_kd_loss_with_options(LinearHead(student_hidden, student_weight, student_bias),
+                                              LinearHead(teacher_hidden, teacher_weight, teacher_bias), labels,
+                                              opts, chunk_size, return_parts)

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 
 from .backends import KernelParams, compute_dtype
-from .dispatch import backend_module
+from .backends.registry import backend_module
+from .reduction import weighted_loss
 
 
 @torch.library.custom_op("kdfast::kd_forward", mutates_args=("grad",))
@@ -53,12 +54,6 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -> None:
 @scale_grad_.register_fake
 def _(grad, grad_output, backend):
     return None
-
-
-def weighted_loss(coefs: Tensor, kd_rows: Tensor, ce_rows: Tensor, per_row: bool) -> Tensor:
-    """coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless per_row."""
-    loss_rows = coefs[0].to(kd_rows.dtype) * kd_rows + coefs[1].to(ce_rows.dtype) * ce_rows
-    return loss_rows if per_row else loss_rows.sum()
 
 
 def gradient_buffer(student: Tensor, backend: str) -> Tensor:
