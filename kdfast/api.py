@@ -13,7 +13,8 @@ from torch import Tensor
 
 from .backends import compute_dtype
 from .backends.registry import resolve_backend
-from .inputs import as_rows, check_inplace, check_labels, check_logits, check_same_tokens, check_vocab  # noqa: F401
+from .inputs import (as_rows, check_inplace, check_labels, check_logits, check_num_items, check_same_tokens,  # noqa: F401
+                     check_vocab)
 from .ops import KDLossFunction
 from .options import LossOptions, loss_options
 from .reduction import KDLossParts, ReductionWeights
@@ -22,7 +23,7 @@ __all__ = ["KDLoss", "KDLossParts", "LossOptions", "kd_loss"]
 
 
 def _kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor], opts: LossOptions,
-                          return_parts: bool = False):
+                          return_parts: bool = False, num_items_in_batch=None):
     """kd_loss once its options are validated: checks the tensors, then runs the chosen backend."""
     check_logits("student_logits", student_logits)
     check_logits("teacher_logits", teacher_logits)
@@ -30,6 +31,7 @@ def _kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels
     vocab = check_vocab(student_logits.shape[-1], teacher_logits.shape[-1], opts.vocab_size)
     lead_shape = student_logits.shape[:-1]
     labels = check_labels(labels, lead_shape, student_logits.device, vocab, opts)
+    num_items_in_batch = check_num_items(num_items_in_batch, opts)
     student, teacher = as_rows(student_logits[..., :vocab], teacher_logits.detach()[..., :vocab])
     backend = resolve_backend(opts.backend, student.device, (student.dtype, teacher.dtype))
     n_rows = student.shape[0] * student.shape[1]
@@ -37,12 +39,12 @@ def _kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels
         backend = "torch"  # nothing to launch a kernel for
 
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, student.device,
-                                  compute_dtype(student.dtype, teacher.dtype))
+                                  compute_dtype(student.dtype, teacher.dtype), num_items_in_batch)
     inplace = opts.inplace_backward and student.requires_grad and torch.is_grad_enabled()
     if inplace:
         check_inplace(student_logits, student, teacher)
-    loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, weights.coefs, opts.kernel_params,
-                                                  backend, opts.reduction == "none", inplace)
+    loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, weights, opts.expected_grad_output,
+                                                  opts.kernel_params, backend, opts.reduction == "none", inplace)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
@@ -50,7 +52,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
             divergence: str = "forward_kl", beta: float = 0.5, labels: Optional[Tensor] = None,
             ignore_index: int = -100, reduction: str = "batchmean", scale_t2: bool = True, hard_weight: float = 0.0,
             soft_weight: float = 1.0, vocab_size: Optional[int] = None, inplace_backward: bool = False,
-            return_parts: bool = False, backend: str = "auto"):
+            expected_grad_output: float = 1.0, num_items_in_batch=None, return_parts: bool = False,
+            backend: str = "auto"):
     """Knowledge-distillation loss between temperature-softened student and teacher distributions.
 
     Args:
@@ -71,6 +74,14 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         vocab_size: compare only the first vocab_size entries (e.g. a teacher with a padded vocabulary).
         inplace_backward: let kdfast write the gradient over student_logits during the forward pass,
             saving an N x V buffer; student_logits' values are then consumed (do not use them afterwards).
+        expected_grad_output: the grad_output backward will receive, e.g. 1 / grad_accum for
+            ``(loss / grad_accum).backward()``; the gradient computed in forward is weighted by it,
+            so backward needs no pass over it. Any other grad_output is still exact, at the cost of
+            that pass.
+        num_items_in_batch: for "batchmean" and "mean", the divisor instead of this call's counted
+            rows: the counted tokens of the whole optimizer step (all micro-batches and processes),
+            so that gradient accumulation and data parallelism average over tokens exactly.
+            ``kd_loss(..., num_items_in_batch=n)`` equals ``kd_loss(..., reduction="sum") / n``.
         return_parts: return KDLossParts(loss, kd, hard), the two parts detached for logging.
         backend: "auto", "triton", "cuda", "cpu" or "torch".
 
@@ -80,8 +91,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     """
     opts = LossOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
                        reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
-                       vocab_size=vocab_size, inplace_backward=inplace_backward, backend=backend)
-    return _kd_loss_with_options(student_logits, teacher_logits, labels, opts, return_parts)
+                       vocab_size=vocab_size, inplace_backward=inplace_backward,
+                       expected_grad_output=expected_grad_output, backend=backend)
+    return _kd_loss_with_options(student_logits, teacher_logits, labels, opts, return_parts, num_items_in_batch)
 
 
 class KDLoss(torch.nn.Module):
@@ -92,8 +104,10 @@ class KDLoss(torch.nn.Module):
         self.options = loss_options("KDLoss", options, ("return_parts",))
         self.return_parts = return_parts
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None):
-        return _kd_loss_with_options(student_logits, teacher_logits, labels, self.options, self.return_parts)
+    def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Optional[Tensor] = None,
+                num_items_in_batch=None):
+        return _kd_loss_with_options(student_logits, teacher_logits, labels, self.options, self.return_parts,
+                                     num_items_in_batch)
 
     def extra_repr(self) -> str:
         defaults = LossOptions()

@@ -20,8 +20,8 @@ from torch import Tensor
 
 from .backends import KernelParams, compute_dtype
 from .backends.registry import resolve_backend
-from .inputs import check_labels, check_same_tokens, check_vocab
-from .ops import kd_forward, scale_grad_, start_backward
+from .inputs import check_labels, check_num_items, check_same_tokens, check_vocab
+from .ops import kd_forward, relative_grad_output, scale_grad_, start_backward
 from .options import LossOptions, check_positive_int, loss_options
 from .reduction import ReductionWeights, weighted_loss
 
@@ -34,7 +34,8 @@ DEFAULT_LOGITS_BUDGET_BYTES = 128 * 2**20
 
 
 # The keywords of fused_linear_kd_loss besides the loss options, for the unknown-option error.
-FUSED_LINEAR_KEYWORDS = ("student_bias", "teacher_bias", "labels", "chunk_size", "return_parts")
+FUSED_LINEAR_KEYWORDS = ("student_bias", "teacher_bias", "labels", "chunk_size", "num_items_in_batch",
+                         "return_parts")
 
 
 def _logits_dtype(weight: Tensor) -> torch.dtype:
@@ -74,18 +75,20 @@ class LinearHead(NamedTuple):
 
 def _check_head(side: str, head: LinearHead) -> None:
     hidden, weight, bias = head
-    for name, x in ((f"{side}_hidden", hidden), (f"{side}_weight", weight)):
-        if not isinstance(x, Tensor) or not x.is_floating_point():
+    for name, x in ((f"{side}_hidden", hidden), (f"{side}_weight", weight), (f"{side}_bias", bias)):
+        if x is not None and (not isinstance(x, Tensor) or not x.is_floating_point()):
             raise TypeError(f"{name} must be a floating-point torch.Tensor, got "
                             f"{x.dtype if isinstance(x, Tensor) else type(x).__name__}")
+    if hidden is None or weight is None:
+        raise TypeError(f"{side}_hidden and {side}_weight are required tensors")
     if hidden.dim() < 1:
         raise ValueError(f"{side}_hidden must have shape (..., H), got a 0-d tensor")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"{side}_weight must have shape (V, {hidden.shape[-1]}) to match {side}_hidden's "
                          f"hidden size, got {tuple(weight.shape)}")
-    if bias is not None and (not isinstance(bias, Tensor) or bias.shape != weight.shape[:1]):
+    if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"{side}_bias must be None or a tensor of shape ({weight.shape[0]},), got "
-                         f"{tuple(bias.shape) if isinstance(bias, Tensor) else type(bias).__name__}")
+                         f"{tuple(bias.shape)}")
     for name, x in ((f"{side}_weight", weight), (f"{side}_bias", bias)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but {side}_hidden is on {hidden.device}")
@@ -176,43 +179,48 @@ class FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], teacher: LinearHead,
-                labels: Optional[Tensor], coefs: Tensor, plan: ChunkPlan, per_row: bool):
+                labels: Optional[Tensor], weights: ReductionWeights, expected_grad_output: float, plan: ChunkPlan,
+                per_row: bool):
         student = LinearHead(hidden, weight, bias)
         wanted = tuple(ctx.needs_input_grad[:3])
         device_type = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         ctx.plan, ctx.wanted, ctx.per_row = plan, wanted, per_row
+        ctx.expected_grad_output = expected_grad_output
         if per_row:
-            kd_rows, ce_rows, _ = _chunked_pass(student, teacher, labels, coefs, plan, (False, False, False))
-            ctx.save_for_backward(*student, *teacher, labels, coefs)
+            kd_rows, ce_rows, _ = _chunked_pass(student, teacher, labels, weights.grad_coefs, plan,
+                                                (False, False, False))
+            ctx.save_for_backward(*student, *teacher, labels, weights.grad_coefs)
         else:
-            kd_rows, ce_rows, grads = _chunked_pass(student, teacher, labels, coefs, plan, wanted)
+            kd_rows, ce_rows, grads = _chunked_pass(student, teacher, labels, weights.grad_coefs, plan, wanted)
             ctx.save_for_backward(*grads)
         ctx.full_vocab = weight.shape[0]
         ctx.mark_non_differentiable(kd_rows, ce_rows)
-        return weighted_loss(coefs, kd_rows, ce_rows, per_row), kd_rows, ce_rows
+        return weighted_loss(weights.coefs, kd_rows, ce_rows, per_row), kd_rows, ce_rows
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
         start_backward(ctx, "fused_linear_kd_loss", once=not ctx.per_row)  # per_row recomputes its chunks
         if ctx.per_row:
             saved = ctx.saved_tensors
-            student, teacher, (labels, coefs) = LinearHead(*saved[:3]), LinearHead(*saved[3:6]), saved[6:]
+            student, teacher, (labels, grad_coefs) = LinearHead(*saved[:3]), LinearHead(*saved[3:6]), saved[6:]
             enabled, dtype = ctx.autocast
             with torch.autocast(student.hidden.device.type, dtype=dtype, enabled=enabled):
-                _, _, grads = _chunked_pass(student, teacher, labels, coefs, ctx.plan, ctx.wanted,
-                                            row_scale=grad_loss)
+                _, _, grads = _chunked_pass(student, teacher, labels, grad_coefs, ctx.plan, ctx.wanted,
+                                            row_scale=relative_grad_output(grad_loss, ctx.expected_grad_output))
         else:
             grads = HeadGrads(*ctx.saved_tensors)
+            scale = relative_grad_output(grad_loss, ctx.expected_grad_output)
             for g in grads:  # as rows, for the same in-place scaling kd_loss's gradient gets
                 if g is not None:
-                    scale_grad_(g.view(1, -1, g.shape[-1]), grad_loss, ctx.plan.backend)
+                    scale_grad_(g.view(1, -1, g.shape[-1]), scale, ctx.plan.backend)
         return grads.hidden, _pad_to(grads.weight, ctx.full_vocab), _pad_to(grads.bias, ctx.full_vocab), \
-            None, None, None, None, None
+            None, None, None, None, None, None
 
 
 def _fused_linear_kd_loss_with_options(student: LinearHead, teacher: LinearHead, labels: Optional[Tensor],
-                                       opts: LossOptions, chunk_size: Optional[int], return_parts: bool = False):
+                                       opts: LossOptions, chunk_size: Optional[int], return_parts: bool = False,
+                                       num_items_in_batch=None):
     """fused_linear_kd_loss once its options are validated: checks the tensors, then runs the chunks."""
     _check_head("student", student)
     _check_head("teacher", teacher)
@@ -223,6 +231,7 @@ def _fused_linear_kd_loss_with_options(student: LinearHead, teacher: LinearHead,
     lead_shape = student.hidden.shape[:-1]
     device = student.hidden.device
     labels = check_labels(labels, lead_shape, device, vocab, opts)
+    num_items_in_batch = check_num_items(num_items_in_batch, opts)
     student = student._replace(hidden=student.hidden.reshape(-1, student.hidden.shape[-1]))
     teacher = LinearHead(*(None if x is None else x.detach() for x in teacher))
     teacher = teacher._replace(hidden=teacher.hidden.reshape(-1, teacher.hidden.shape[-1]))
@@ -231,17 +240,19 @@ def _fused_linear_kd_loss_with_options(student: LinearHead, teacher: LinearHead,
     s_dtype, t_dtype = _logits_dtype(student.weight), _logits_dtype(teacher.weight)
     backend = resolve_backend(opts.backend, device, (s_dtype, t_dtype)) if n_rows else "torch"
     rows = chunk_size or default_chunk_size(n_rows, vocab, max(s_dtype.itemsize, t_dtype.itemsize), device)
-    weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype(s_dtype, t_dtype))
+    weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype(s_dtype, t_dtype),
+                                  num_items_in_batch)
     loss, kd_rows, ce_rows = FusedLinearKDFunction.apply(
-        *student, teacher, labels, weights.coefs, ChunkPlan(rows, vocab, backend, opts.kernel_params),
-        opts.reduction == "none")
+        *student, teacher, labels, weights, opts.expected_grad_output,
+        ChunkPlan(rows, vocab, backend, opts.kernel_params), opts.reduction == "none")
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
 def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                         teacher_weight: Tensor, student_bias: Optional[Tensor] = None,
-                         teacher_bias: Optional[Tensor] = None, *, labels: Optional[Tensor] = None,
-                         chunk_size: Optional[int] = None, return_parts: bool = False, **options):
+                         teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                         teacher_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                         chunk_size: Optional[int] = None, num_items_in_batch=None, return_parts: bool = False,
+                         **options):
     """kd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden @ teacher_weight.T + teacher_bias)
     without materialising the N x V logits.
 
@@ -252,18 +263,21 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         teacher_hidden: (..., Ht) the teacher's last hidden states (same leading shape); no gradient.
         teacher_weight: (V_t, Ht) the teacher's lm_head weight; no gradient. V_t may differ from V
             when ``vocab_size`` says how many leading entries the two vocabularies share.
-        student_bias, teacher_bias: optional (V,) and (V_t,) lm_head biases.
-        labels: optional (...,) token ids, as in kd_loss (ignore_index rows are not counted).
+        student_bias, teacher_bias: optional (V,) and (V_t,) lm_head biases (keyword-only, like
+            everything after the four tensors, so that labels can never be taken for a bias).
+        labels: optional token ids, as in kd_loss (ignore_index rows are not counted).
         chunk_size: tokens per chunk; None picks it so one chunk's logits take about 128 MiB (512 MiB on
             a GPU).
+        num_items_in_batch: as in kd_loss.
         return_parts: return KDLossParts(loss, kd, hard), the parts detached for logging.
         **options: kd_loss's keywords: temperature, divergence, beta, ignore_index, reduction, scale_t2,
-            hard_weight, soft_weight, vocab_size, backend (inplace_backward has no effect: the chunk
-            logits are always reused for their gradient).
+            hard_weight, soft_weight, vocab_size, expected_grad_output, backend (inplace_backward has no
+            effect: the chunk logits are always reused for their gradient).
     """
     return _fused_linear_kd_loss_with_options(
         LinearHead(student_hidden, student_weight, student_bias), LinearHead(teacher_hidden, teacher_weight, teacher_bias),
-        labels, loss_options("fused_linear_kd_loss", options, FUSED_LINEAR_KEYWORDS), chunk_size, return_parts)
+        labels, loss_options("fused_linear_kd_loss", options, FUSED_LINEAR_KEYWORDS), chunk_size, return_parts,
+        num_items_in_batch)
 
 
 class FusedLinearKDLoss(torch.nn.Module):
@@ -276,12 +290,12 @@ class FusedLinearKDLoss(torch.nn.Module):
         self.return_parts = return_parts
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor,
-                teacher_weight: Tensor, student_bias: Optional[Tensor] = None, teacher_bias: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None):
+                teacher_weight: Tensor, *, student_bias: Optional[Tensor] = None,
+                teacher_bias: Optional[Tensor] = None, labels: Optional[Tensor] = None, num_items_in_batch=None):
         return _fused_linear_kd_loss_with_options(
             LinearHead(student_hidden, student_weight, student_bias),
             LinearHead(teacher_hidden, teacher_weight, teacher_bias), labels, self.options, self.chunk_size,
-            self.return_parts)
+            self.return_parts, num_items_in_batch)
 
 
 # Transitional name for kdfast.lm until the training stack moves onto the public API.

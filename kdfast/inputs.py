@@ -71,8 +71,13 @@ def check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: in
         raise TypeError(f"labels must be a torch.Tensor of token ids, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"labels must be an int64 (or int32) tensor, got {labels.dtype}")
-    if labels.shape != lead_shape:
-        raise ValueError(f"labels must have the leading (token) shape {tuple(lead_shape)}, got {tuple(labels.shape)}")
+    # Labels of another shape with one entry per row are read in row-major order, e.g. (B, S)
+    # labels for logits flattened to (B * S, V), as torchtune passes them.
+    if labels.shape != lead_shape and labels.numel() != math.prod(lead_shape):
+        raise ValueError(f"labels must have one entry per row of logits: the leading (token) shape "
+                         f"{tuple(lead_shape)} ({math.prod(lead_shape)} rows), got shape {tuple(labels.shape)} "
+                         f"({labels.numel()} entries); reshape them to {tuple(lead_shape)}, or drop the "
+                         "positions the logits do not have (e.g. labels[:, 1:] for logits[:, :-1])")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the inputs are on {device}")
     labels = labels.reshape(-1).to(torch.int64).contiguous()
@@ -83,6 +88,25 @@ def check_labels(labels, lead_shape: torch.Size, device: torch.device, vocab: in
             raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={opts.ignore_index}; "
                              f"found {bad} (labels decide which rows count even when hard_weight=0)")
     return labels
+
+
+def check_num_items(num_items_in_batch, opts: LossOptions):
+    """num_items_in_batch: None, or an int >= 0 or a one-element tensor, for the averaging reductions."""
+    if num_items_in_batch is None:
+        return None
+    if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.dtype == torch.bool or \
+                num_items_in_batch.is_complex():
+            raise ValueError("num_items_in_batch must be an int or a one-element real tensor, got a tensor of "
+                             f"shape {tuple(num_items_in_batch.shape)} and dtype {num_items_in_batch.dtype}")
+        num_items_in_batch = num_items_in_batch.reshape(())
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, int) or num_items_in_batch < 0:
+        raise ValueError(f"num_items_in_batch must be None, an int >= 0 or a one-element tensor, got "
+                         f"{num_items_in_batch!r}")
+    if opts.reduction not in ("batchmean", "mean"):
+        raise ValueError(f"num_items_in_batch sets the divisor of reduction='batchmean' (or 'mean'), but "
+                         f"reduction={opts.reduction!r} divides by nothing")
+    return num_items_in_batch
 
 
 def _byte_span(t: Tensor) -> tuple[int, int]:

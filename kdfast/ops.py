@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .backends import KernelParams, compute_dtype
 from .backends.registry import backend_module
-from .reduction import weighted_loss
+from .reduction import ReductionWeights, weighted_loss
 
 
 @torch.library.custom_op("kdfast::kd_forward", mutates_args=("grad",))
@@ -65,6 +65,12 @@ def gradient_buffer(student: Tensor, backend: str) -> Tensor:
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+def relative_grad_output(grad_output: Tensor, expected: float) -> Tensor:
+    """What a gradient computed for grad_output = expected must still be multiplied by: 1 (no pass
+    over the gradient) when backward receives what was expected."""
+    return grad_output if expected == 1.0 else grad_output / expected
+
+
 def start_backward(ctx, loss_name: str, once: bool = True) -> None:
     """Checks that the backward of a loss whose gradient was computed in forward can run: without
     create_graph (the gradient has no graph of its own to differentiate), and, when the gradient
@@ -94,23 +100,24 @@ class KDLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], coefs: Tensor,
-                params: KernelParams, backend: str, per_row: bool, inplace: bool):
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], weights: ReductionWeights,
+                expected_grad_output: float, params: KernelParams, backend: str, per_row: bool, inplace: bool):
         grad = None
         if ctx.needs_input_grad[0]:
             grad = student if inplace else gradient_buffer(student, backend)
-        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
-                                      params.beta, params.ignore_index, params.hard, backend)
+        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, weights.grad_coefs, params.temperature,
+                                      params.divergence, params.beta, params.ignore_index, params.hard, backend)
+        coefs = weights.coefs
         loss = weighted_loss(coefs, kd_rows, ce_rows, per_row)
         ctx.mark_non_differentiable(kd_rows, ce_rows)
         if grad is not None:
             ctx.save_for_backward(grad)
-        ctx.backend = backend
+        ctx.backend, ctx.expected_grad_output = backend, expected_grad_output
         return loss, kd_rows, ce_rows
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
         start_backward(ctx, "kd_loss")
         (grad,) = ctx.saved_tensors
-        scale_grad_(grad, grad_loss, ctx.backend)
-        return grad, None, None, None, None, None, None, None
+        scale_grad_(grad, relative_grad_output(grad_loss, ctx.expected_grad_output), ctx.backend)
+        return grad, None, None, None, None, None, None, None, None

@@ -58,6 +58,7 @@ class LossOptions:
     soft_weight: float = 1.0
     vocab_size: Optional[int] = None
     inplace_backward: bool = False
+    expected_grad_output: float = 1.0
     backend: str = "auto"
 
     def __post_init__(self):
@@ -74,6 +75,8 @@ class LossOptions:
         for weight in ("hard_weight", "soft_weight"):
             set_(self, weight, check_number(weight, getattr(self, weight), ">= 0", lambda v: v >= 0))
         check_positive_int("vocab_size", self.vocab_size, allow_none=True)
+        set_(self, "expected_grad_output",
+             check_number("expected_grad_output", self.expected_grad_output, "> 0", lambda v: v > 0))
         check_choice("backend", self.backend, ("auto", *BACKENDS))
 
     def as_kwargs(self) -> dict:

@@ -28,18 +28,26 @@ class ReductionWeights(NamedTuple):
 
     row_weight: Tensor  # 1, or 1 / (counted rows) for "batchmean" and "mean"
     kd_row_weight: Tensor  # row_weight, and also / V for "mean"
-    coefs: Tensor  # d(loss)/d(row divergence), d(loss)/d(row cross-entropy): what the kernels weight gradients by
+    coefs: Tensor  # d(loss)/d(row divergence), d(loss)/d(row cross-entropy)
+    grad_coefs: Tensor  # what the kernels weight the gradient by: coefs * expected_grad_output
 
     @staticmethod
     def of(labels: Optional[Tensor], n_rows: int, vocab: int, opts: LossOptions, device: torch.device,
-           dtype: torch.dtype) -> ReductionWeights:
+           dtype: torch.dtype, num_items_in_batch=None) -> ReductionWeights:
+        """num_items_in_batch, when given, replaces the rows this call counts as the divisor of
+        "batchmean" and "mean" (the tokens of the whole optimizer step)."""
         # The rows counted stay a tensor, so that no device sync is needed.
-        counted = n_rows if labels is None else labels.ne(opts.ignore_index).sum()
-        counted = torch.as_tensor(counted, dtype=dtype, device=device).clamp(min=1)
+        if num_items_in_batch is not None:
+            counted = num_items_in_batch
+        else:
+            counted = n_rows if labels is None else labels.ne(opts.ignore_index).sum()
+        counted = torch.as_tensor(counted, device=device).to(dtype).clamp(min=1)
         row_weight = torch.ones((), dtype=dtype, device=device) if opts.reduction in ("none", "sum") else 1 / counted
         kd_row_weight = row_weight / vocab if opts.reduction == "mean" else row_weight
         coefs = torch.stack([opts.soft_weight * opts.kd_scale * kd_row_weight, opts.hard_weight * row_weight])
-        return ReductionWeights(row_weight, kd_row_weight, coefs.to(dtype))
+        coefs = coefs.to(dtype)
+        grad_coefs = coefs if opts.expected_grad_output == 1.0 else coefs * opts.expected_grad_output
+        return ReductionWeights(row_weight, kd_row_weight, coefs, grad_coefs)
 
     def finish(self, loss: Tensor, kd_rows: Tensor, ce_rows: Tensor, lead_shape: torch.Size, opts: LossOptions,
                return_parts: bool):

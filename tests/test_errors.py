@@ -38,7 +38,8 @@ CASES = [
      "hard_weight must be finite and >= 0"),
     ("hard weight without labels", (S, T), {"hard_weight": 0.5}, ValueError, "hard_weight=0.5 needs labels"),
     ("labels wrong shape", (S, T), {"labels": LABELS[:3]}, ValueError,
-     r"labels must have the leading \(token\) shape \(4,\)"),
+     r"labels must have one entry per row of logits: the leading \(token\) shape \(4,\) \(4 rows\), got shape "
+     r"\(3,\) \(3 entries\); reshape them to \(4,\)"),
     ("labels float", (S, T), {"labels": LABELS.float()}, TypeError, "labels must be an int64"),
     ("labels not a tensor", (S, T), {"labels": [1, 2, 3, 4]}, TypeError, "labels must be a torch.Tensor"),
     ("label out of range", (S, T), {"labels": torch.tensor([1, 10, 2, 3]), "hard_weight": 1.0}, ValueError,

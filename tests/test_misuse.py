@@ -140,3 +140,38 @@ def test_a_misspelt_option_is_named_against_the_function_called(gen, call, patte
         call(make_inputs(gen, 4, 8, 8, 20))
     assert "valid keywords:" in str(error.value) and "temperature" in str(error.value)
 
+
+
+# --- signatures: only the four tensors of the fused loss are positional ---
+
+def test_fused_linear_labels_can_never_be_taken_for_a_bias(gen):
+    """Liger's order is (..., labels); kdfast's fifth positional argument used to be student_bias."""
+    n = vocab = 12  # N == V: a positional labels tensor would fit a bias's shape
+    i = make_inputs(gen, n, 8, 8, vocab)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    with pytest.raises(TypeError, match="positional argument"):
+        kdfast.fused_linear_kd_loss(i["student_hidden"], i["student_weight"], i["teacher_hidden"],
+                                    i["teacher_weight"], labels)
+    with pytest.raises(TypeError, match="positional argument"):
+        kdfast.FusedLinearKDLoss()(i["student_hidden"], i["student_weight"], i["teacher_hidden"],
+                                   i["teacher_weight"], labels)
+
+
+@pytest.mark.parametrize("name", ["student_hidden", "student_weight", "teacher_hidden", "teacher_weight",
+                                  "student_bias", "teacher_bias"])
+def test_an_integer_tensor_where_floats_belong_is_a_type_error_naming_it(gen, name):
+    i = make_inputs(gen, 12, 8, 8, 12)
+    i[name] = i[name].long()
+    with pytest.raises(TypeError, match=f"{name} must be a floating-point torch.Tensor, got torch.int64"):
+        kdfast.fused_linear_kd_loss(**i)
+
+
+def test_labels_with_one_entry_per_row_are_read_in_row_major_order(gen):
+    """torchtune passes (B, S) labels with logits flattened to (B * S, V)."""
+    s, t = make_logits(gen, (2, 5, 30))
+    labels = torch.randint(0, 30, (2, 5), generator=gen)
+    labels[0, 1] = -100
+    flat = kdfast.kd_loss(s.reshape(10, 30), t.reshape(10, 30), labels=labels, hard_weight=0.5)
+    torch.testing.assert_close(flat, kdfast.kd_loss(s, t, labels=labels, hard_weight=0.5))
+    with pytest.raises(ValueError, match=r"reshape them to \(10,\).*labels\[:, 1:\]"):
+        kdfast.kd_loss(s.reshape(10, 30), t.reshape(10, 30), labels=labels[:, :4])
