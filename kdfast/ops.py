@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends import KernelParams, compute_dtype
+from .backends import KernelParams, SparseKernelParams, compute_dtype
 from .backends.registry import backend_module
 from .reduction import ReductionWeights, weighted_loss
 
@@ -31,6 +31,23 @@ def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad:
 @kd_forward.register_fake
 def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, ignore_index, hard, backend):
     dtype = compute_dtype(student.dtype, teacher.dtype)
+    n_rows = student.shape[0] * student.shape[1]
+    return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
+
+
+@torch.library.custom_op("kdfast::sparse_kd_forward", mutates_args=("grad",))
+def sparse_kd_forward(student: Tensor, ids: Tensor, logprobs: Tensor, labels: Optional[Tensor],
+                      grad: Optional[Tensor], coefs: Tensor, temperature: float, divergence: int, beta: float,
+                      tail: int, mass_tolerance: float, ignore_index: int, hard: bool,
+                      backend: str) -> tuple[Tensor, Tensor]:
+    params = SparseKernelParams(temperature, divergence, beta, tail, mass_tolerance, ignore_index, hard)
+    return backend_module(backend).sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params)
+
+
+@sparse_kd_forward.register_fake
+def _(student, ids, logprobs, labels, grad, coefs, temperature, divergence, beta, tail, mass_tolerance,
+      ignore_index, hard, backend):
+    dtype = compute_dtype(student.dtype, logprobs.dtype)
     n_rows = student.shape[0] * student.shape[1]
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
 
@@ -87,37 +104,61 @@ def start_backward(ctx, loss_name: str, once: bool = True) -> None:
     ctx.backward_done = True
 
 
-class KDLossFunction(torch.autograd.Function):
-    """loss = coefs[0] * kd_rows + coefs[1] * ce_rows, summed over rows unless ``per_row``.
+class GradientInForward(torch.autograd.Function):
+    """The autograd side of a loss whose kernel computes the student's gradient in forward:
+    ``forward`` of a subclass runs the kernel with ``prepare_gradient``'s buffer and returns
+    ``finish``'s result, loss = coefs[0] * kd_rows + coefs[1] * ce_rows (summed over rows
+    unless per_row); backward scales the kept gradient by grad_output.
 
-    The gradient is computed in forward (or not at all when no gradient is needed), kept
-    in a buffer, or in the student logits themselves when ``inplace``, and scaled by
-    grad_output in backward. Writing over the student bumps its version counter (the custom
-    op declares the mutation), so a use of the logits that autograd saved earlier raises
-    PyTorch's in-place error. (Marking it dirty would also catch later uses, but autograd
-    then routes the gradient of a view through copies of its whole base, which costs more
-    memory than the overwrite saves.)
+    The gradient is kept in a buffer, or in the student logits themselves with inplace_backward.
+    Writing over the student bumps its version counter (the custom op declares the mutation),
+    so a use of the logits that autograd saved earlier raises PyTorch's in-place error.
+    (Marking it dirty would also catch later uses, but autograd then routes the gradient of a
+    view through copies of its whole base, which costs more memory than the overwrite saves.)
     """
 
     @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], weights: ReductionWeights,
-                expected_grad_output: float, params: KernelParams, backend: str, per_row: bool, inplace: bool):
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = student if inplace else gradient_buffer(student, backend)
-        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, weights.grad_coefs, params.temperature,
-                                      params.divergence, params.beta, params.ignore_index, params.hard, backend)
-        coefs = weights.coefs
-        loss = weighted_loss(coefs, kd_rows, ce_rows, per_row)
+    def prepare_gradient(ctx, student: Tensor, backend: str, inplace: bool) -> Optional[Tensor]:
+        """Where the kernel writes the student's gradient: None when no gradient is needed."""
+        if not ctx.needs_input_grad[0]:
+            return None
+        return student if inplace else gradient_buffer(student, backend)
+
+    @staticmethod
+    def finish(ctx, loss_name: str, grad: Optional[Tensor], kd_rows: Tensor, ce_rows: Tensor,
+               weights: ReductionWeights, expected_grad_output: float, backend: str, per_row: bool):
         ctx.mark_non_differentiable(kd_rows, ce_rows)
         if grad is not None:
             ctx.save_for_backward(grad)
-        ctx.backend, ctx.expected_grad_output = backend, expected_grad_output
-        return loss, kd_rows, ce_rows
+        ctx.loss_name, ctx.backend, ctx.expected_grad_output = loss_name, backend, expected_grad_output
+        return weighted_loss(weights.coefs, kd_rows, ce_rows, per_row), kd_rows, ce_rows
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd_rows, _grad_ce_rows):
-        start_backward(ctx, "kd_loss")
+        start_backward(ctx, ctx.loss_name)
         (grad,) = ctx.saved_tensors
         scale_grad_(grad, relative_grad_output(grad_loss, ctx.expected_grad_output), ctx.backend)
-        return grad, None, None, None, None, None, None, None, None
+        return (grad,) + (None,) * (len(ctx.needs_input_grad) - 1)
+
+
+class KDLossFunction(GradientInForward):
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], weights: ReductionWeights,
+                expected_grad_output: float, params: KernelParams, backend: str, per_row: bool, inplace: bool):
+        grad = GradientInForward.prepare_gradient(ctx, student, backend, inplace)
+        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, weights.grad_coefs, params.temperature,
+                                      params.divergence, params.beta, params.ignore_index, params.hard, backend)
+        return GradientInForward.finish(ctx, "kd_loss", grad, kd_rows, ce_rows, weights, expected_grad_output,
+                                        backend, per_row)
+
+
+class SparseKDFunction(GradientInForward):
+    @staticmethod
+    def forward(ctx, student: Tensor, ids: Tensor, logprobs: Tensor, labels: Optional[Tensor],
+                weights: ReductionWeights, expected_grad_output: float, params: SparseKernelParams, backend: str,
+                per_row: bool, inplace: bool):
+        grad = GradientInForward.prepare_gradient(ctx, student, backend, inplace)
+        kd_rows, ce_rows = sparse_kd_forward(student, ids, logprobs, labels, grad, weights.grad_coefs, *params,
+                                             backend)
+        return GradientInForward.finish(ctx, "sparse_kd_loss", grad, kd_rows, ce_rows, weights,
+                                        expected_grad_output, backend, per_row)

@@ -69,3 +69,72 @@ def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, diverg
         kd_part, hard_part = kd_scale * kd.sum() / (n * vocab), ce.sum() / n
     loss = soft_weight * kd_part + hard_weight * hard_part
     return (loss, kd_part.detach(), hard_part.detach()) if return_parts else loss
+
+
+def _divergence_over_categories(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float):
+    """The divergence between two distributions over the last dim, given as log-probabilities."""
+    if divergence == "jsd" and beta in (0.0, 1.0):
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if divergence == "forward_kl":
+        return _kl_rows(log_q, log_p)
+    if divergence == "reverse_kl":
+        return _kl_rows(log_p, log_q)
+    dead = (log_q == -math.inf) & (log_p == -math.inf)
+    log_mix = torch.logsumexp(torch.stack([torch.where(dead, 0.0, log_q + math.log(beta)),
+                                           torch.where(dead, 0.0, log_p + math.log(1.0 - beta))]), dim=0)
+    return beta * _kl_rows(log_q, log_mix) + (1.0 - beta) * _kl_rows(log_p, log_mix)
+
+
+def sparse_kd_loss_reference(student_logits, teacher_ids, teacher_logprobs, *, temperature=1.0,
+                             divergence="forward_kl", beta=0.5, tail="bucket", mass_tolerance=1e-4, labels=None,
+                             ignore_index=-100, reduction="batchmean", scale_t2=True, hard_weight=0.0,
+                             soft_weight=1.0, num_items_in_batch=None, return_parts=False, dtype=torch.float64):
+    """sparse_kd_loss from its definition, in ``dtype``: the teacher's distribution is its
+    log-probabilities at the row's ids (-1: padding) and, for tail="bucket", one more category
+    holding the rest of its mass, against the student's softmax gathered at those ids and its
+    own rest, computed from the complement of the ids (the tail is no category when the ids
+    cover the vocabulary, and the teacher has none when its rest is within mass_tolerance)."""
+    s = student_logits.to(dtype)
+    lead_shape, vocab = s.shape[:-1], s.shape[-1]
+    s = s.reshape(-1, vocab)
+    ids = teacher_ids.reshape(s.shape[0], -1).long()
+    log_q = teacher_logprobs.reshape(ids.shape).to(dtype)
+    valid = ids >= 0
+    log_p = torch.log_softmax(s / temperature, dim=-1)
+    log_pk = torch.where(valid, log_p.gather(-1, ids.clamp(min=0)), -math.inf)
+    log_qk = torch.where(valid, log_q, -math.inf)
+    if tail == "bucket":
+        in_ids = torch.zeros(s.shape[0], vocab + 1, dtype=torch.bool)
+        in_ids = in_ids.scatter(-1, torch.where(valid, ids, vocab), True)[:, :vocab]
+        covers = in_ids.all(-1)
+        # (A finite stand-in where the ids cover V keeps logsumexp's gradient free of NaN.)
+        outside = torch.where(covers[:, None], 0.0, log_p.masked_fill(in_ids, -math.inf))
+        log_rest = torch.where(covers, -math.inf, torch.logsumexp(outside, -1))
+        rest = 1.0 - log_qk.exp().sum(-1)
+        rest = torch.where(~covers & (rest > mass_tolerance), rest, 0.0)
+        kd = _divergence_over_categories(torch.cat([log_pk, log_rest[:, None]], -1),
+                                         torch.cat([log_qk, rest.log()[:, None]], -1), divergence, beta)
+    else:
+        if tail == "renorm":
+            mass = log_qk.exp().sum(-1, keepdim=True)
+            log_qk = torch.where(valid & (mass > 0), log_qk - mass.log(), -math.inf)
+        q = log_qk.exp()
+        kd = torch.where(q > 0, q * (torch.where(q > 0, log_qk, 0.0) - log_pk), 0.0).sum(-1)  # forward KL only
+    kd = torch.where(valid.any(-1), kd, 0.0)  # no teacher mass at all: no divergence
+    undefined = ~torch.isfinite(s.detach().amax(-1))
+    kd = torch.where(undefined, torch.nan, kd)
+    counted = torch.ones_like(kd, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
+    kd = torch.where(counted, kd, 0.0)
+    ce = torch.zeros_like(kd)
+    if hard_weight:
+        ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
+    kd_scale = temperature**2 if scale_t2 else 1.0
+    n = counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    if reduction == "none":
+        kd_part, hard_part = kd_scale * kd.reshape(lead_shape), ce.reshape(lead_shape)
+    elif reduction == "sum":
+        kd_part, hard_part = kd_scale * kd.sum(), ce.sum()
+    else:
+        kd_part, hard_part = kd_scale * kd.sum() / n, ce.sum() / n
+    loss = soft_weight * kd_part + hard_weight * hard_part
+    return (loss, kd_part.detach(), hard_part.detach()) if return_parts else loss

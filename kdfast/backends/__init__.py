@@ -48,3 +48,21 @@ class KernelParams(NamedTuple):
     beta: float
     ignore_index: int
     hard: bool  # compute the hard-label cross-entropy (and its gradient) too
+
+
+# How a sparse teacher's mass outside its ids is treated (kdfast.sparse documents each).
+TAIL_BUCKET, TAIL_RENORM, TAIL_RAW = 0, 1, 2
+TAIL_CODES = {"bucket": TAIL_BUCKET, "renorm": TAIL_RENORM, "raw": TAIL_RAW}
+
+
+class SparseKernelParams(NamedTuple):
+    """The parameters of ``sparse_kd_forward``: the student's softmax against a teacher given
+    as (ids, log-probabilities) per row; ids -1 are padding."""
+
+    temperature: float
+    divergence: int  # FORWARD_KL, REVERSE_KL or JSD (0 < beta < 1); tails other than bucket: FORWARD_KL
+    beta: float
+    tail: int  # TAIL_BUCKET, TAIL_RENORM or TAIL_RAW
+    mass_tolerance: float  # a teacher tail 1 - sum(q) at most this is no tail: rounding of the log-probs
+    ignore_index: int
+    hard: bool

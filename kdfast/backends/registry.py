@@ -85,13 +85,15 @@ def empty_cache() -> None:
 _warned_fallback = False
 
 
-def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
+def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...], kernel: str) -> str:
     global _warned_fallback
     candidates = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
     for name in candidates:
-        if unavailable_reason(name) is None and all(d in backend_module(name).DTYPES for d in dtypes):
+        if unavailable_reason(name) is None and all(d in backend_module(name).DTYPES for d in dtypes) \
+                and hasattr(backend_module(name), kernel):
             return name
-    if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback:
+    if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback \
+            and unavailable_reason("cpu") is not None:
         _warned_fallback = True
         warnings.warn(f"kdfast: the fused CPU kernel is unavailable ({unavailable_reason('cpu')}); "
                       "using the slower pure-PyTorch backend", RuntimeWarning, stacklevel=4)
@@ -100,14 +102,17 @@ def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
 
 # Under torch.compile the choice is made once, while tracing, and baked into the graph.
 @torch.compiler.assume_constant_result
-def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
-    """The backend to run: ``requested`` checked against the logits, or the choice of "auto"."""
+def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dtype, ...],
+                    kernel: str = "kd_forward") -> str:
+    """The backend to run ``kernel``: ``requested`` checked against the logits, or the choice of "auto"."""
     if requested == "auto":
-        return _auto(device, dtypes)
+        return _auto(device, dtypes, kernel)
     reason = unavailable_reason(requested)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} is unavailable: {reason}")
     module = backend_module(requested)
+    if not hasattr(module, kernel):
+        raise ValueError(f"backend={requested!r} has no {kernel} kernel; use backend='auto'")
     types = _device_types(requested)
     if types is not None and device.type not in types:
         raise ValueError(f"backend={requested!r} runs on {' or '.join(types)} tensors, but the logits are on "

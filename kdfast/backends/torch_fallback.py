@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams, compute_dtype
+from . import FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, KernelParams, compute_dtype
 
 DEVICE_TYPES = None  # any device torch supports
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -98,6 +98,118 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
             chunk_labels = None if labels is None else labels[r0:r1]
             kd, ce, g = _chunk(student[b, m0:m1].to(dtype), teacher[b, m0:m1].to(dtype), chunk_labels, coefs,
                                params, want_grad=grad is not None)
+            kd_rows[r0:r1] = kd
+            ce_rows[r0:r1] = ce
+            if grad is not None:
+                grad[b, m0:m1] = g
+    return kd_rows, ce_rows
+
+
+# --- the sparse-teacher loss (kdfast.sparse) ---
+
+def _sparse_terms(log_pc: torch.Tensor, log_qc: torch.Tensor, valid: torch.Tensor, params) -> tuple:
+    """The divergence per row over categories c (the ids, and the tail bucket when there is one),
+    and h_c = P_c * d(divergence)/dP_c, from which the gradient follows (see _sparse_chunk)."""
+    pc, qc = log_pc.exp(), log_qc.exp()
+    if params.tail == TAIL_RENORM:
+        mass = qc.sum(-1, keepdim=True)
+        qc = torch.where(mass > 0, qc / mass, 0.0)
+        log_qc = torch.where(valid & (mass > 0), log_qc - mass.log(), -math.inf)
+    if params.divergence == FORWARD_KL:
+        kd = _weighted_sum(qc, log_qc - log_pc)
+        h = -qc
+    elif params.divergence == REVERSE_KL:
+        h = torch.where(pc > 0, pc * (log_pc - log_qc), 0.0)
+        kd = h.sum(-1)
+    else:
+        beta = params.beta
+        log_mix = torch.logaddexp(log_qc + math.log(beta), log_pc + math.log1p(-beta))
+        p_vs_mix = torch.where(pc > 0, pc * (log_pc - log_mix), 0.0)
+        kd = beta * _weighted_sum(qc, log_qc - log_mix) + (1.0 - beta) * p_vs_mix.sum(-1)
+        h = (1.0 - beta) * p_vs_mix
+    return kd, h
+
+
+def _sparse_chunk(s, ids, log_q, labels, coefs, params, want_grad: bool):
+    """Row losses (and the weighted gradient) of a (rows, V) chunk against (rows, K) ids and
+    teacher log-probabilities, all already in the compute dtype."""
+    n, vocab = s.shape
+    inv_temp = 1.0 / params.temperature
+    max_s = s.amax(-1, keepdim=True)
+    log_p = torch.log_softmax((s - max_s).mul_(inv_temp), dim=-1)
+    ids = ids.long()
+    bad_ids = ((ids < -1) | (ids >= vocab)).any(-1)
+    valid = (ids >= 0) & (ids < vocab)
+    slot = torch.where(valid, ids, vocab)  # padding points past the row, at a column dropped below
+    in_ids = torch.zeros(n, vocab + 1, dtype=torch.bool, device=s.device).scatter_(-1, slot, True)[:, :vocab]
+    log_pk = torch.where(valid, log_p.gather(-1, torch.where(valid, ids, 0)), -math.inf)
+    log_qk = torch.where(valid, log_q, -math.inf)
+    if params.tail == TAIL_BUCKET:
+        # The student's tail from the exp-sum of its complement: no cancellation however small.
+        log_pr = torch.logsumexp(log_p.masked_fill(in_ids, -math.inf), -1)
+        teacher_tail = 1.0 - log_qk.exp().sum(-1)
+        covers = in_ids.all(-1)  # no tail at all, whatever the rounding of the teacher's mass
+        log_r = torch.where(~covers & (teacher_tail > params.mass_tolerance), teacher_tail, 0.0).log()
+        log_pc, log_qc = torch.cat([log_pk, log_pr[:, None]], -1), torch.cat([log_qk, log_r[:, None]], -1)
+        kd, h = _sparse_terms(log_pc, log_qc, torch.cat([valid, ~covers[:, None]], -1), params)
+        h_ids, h_tail = h[:, :-1], h[:, -1]
+    else:
+        kd, h_ids = _sparse_terms(log_pk, log_qk, valid, params)
+        log_pr, h_tail = torch.zeros_like(kd), torch.zeros_like(kd)
+    # A row of empty slots has no teacher mass, so no divergence (its hard-label part still counts).
+    no_teacher = ~valid.any(-1)
+    kd = torch.where(no_teacher, 0.0, kd)
+    h_ids, h_tail = h_ids.masked_fill(no_teacher[:, None], 0.0), h_tail.masked_fill(no_teacher, 0.0)
+    h_total = h_ids.sum(-1) + h_tail
+
+    undefined = ~torch.isfinite(max_s[:, 0]) | bad_ids
+    ignored = torch.zeros_like(undefined) if labels is None else labels == params.ignore_index
+    kd = torch.where(ignored, 0.0, torch.where(undefined, torch.nan, kd))
+    ce = torch.zeros_like(kd)
+    in_range = None
+    if labels is not None:
+        in_range = (labels >= 0) & (labels < vocab)
+        kd = torch.where(in_range | ignored, kd, torch.nan)
+    if params.hard:
+        index = torch.where(in_range, labels, 0)[:, None]
+        log_p1 = torch.log_softmax(s, dim=-1)
+        ce = torch.where(in_range & ~undefined, -log_p1.gather(-1, index)[:, 0], torch.nan)
+        ce = torch.where(ignored, 0.0, ce)
+
+    grad = None
+    if want_grad:
+        # d(divergence)/d(s_j / T) = p_j (G_j - sum_c h_c), G_j = h_c / P_c of j's category:
+        # a tail token's share of h_tail is p_j / p_r.
+        p = log_p.exp()
+        tail_share = torch.where(in_ids | (log_p == -math.inf), 0.0, (log_p - log_pr[:, None]).exp())
+        d = tail_share * h_tail[:, None] - p * h_total[:, None]
+        id_values = torch.where(valid, h_ids - log_pk.exp() * h_total[:, None], 0.0)
+        d = torch.cat([d, d.new_zeros(n, 1)], -1).scatter_(-1, slot, id_values)[:, :vocab]
+        row_ok = ~undefined if in_range is None else ~undefined & (in_range | ignored)
+        grad = d.mul_(torch.where(row_ok, coefs[0] * inv_temp, torch.nan)[:, None])
+        if params.hard:
+            index = torch.where(in_range, labels, 0)[:, None]
+            d_ce = log_p1.exp_().scatter_add_(-1, index, -in_range[:, None].to(s.dtype))
+            grad.add_(d_ce.mul_(torch.where(in_range, coefs[1], torch.nan)[:, None]))
+        grad[ignored] = 0.0
+    return kd, ce, grad
+
+
+def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
+    """The sparse-teacher loss: (B, M, V) student rows against (B*M, K) ids and log-probabilities."""
+    n_batch, n_rows, vocab = student.shape
+    dtype = compute_dtype(student.dtype, logprobs.dtype)
+    kd_rows = torch.zeros(n_batch * n_rows, dtype=dtype, device=student.device)
+    ce_rows = torch.zeros_like(kd_rows)
+    coefs = coefs.to(dtype)
+    step = max(1, CHUNK_ELEMENTS // vocab)
+    for b in range(n_batch):
+        for m0 in range(0, n_rows, step):
+            m1 = min(n_rows, m0 + step)
+            r0, r1 = b * n_rows + m0, b * n_rows + m1
+            kd, ce, g = _sparse_chunk(student[b, m0:m1].to(dtype), ids[r0:r1], logprobs[r0:r1].to(dtype),
+                                      None if labels is None else labels[r0:r1], coefs, params,
+                                      want_grad=grad is not None)
             kd_rows[r0:r1] = kd
             ce_rows[r0:r1] = ce
             if grad is not None:
