@@ -6,7 +6,9 @@ This is the one place that chooses how the loss is computed:
   embedding applied to them, so ``kdfast.fused_linear_kd_loss`` computes the loss from
   (hidden states, weight) pairs chunk by chunk, without the N x V logits. Hugging Face
   causal LMs and :class:`kdfast.models.GPT` qualify: they take ``output_hidden_states`` and
-  ``logits_to_keep`` and have ``get_output_embeddings()``.
+  ``logits_to_keep`` and have ``get_output_embeddings()``; not those whose config soft-caps
+  or scales the logits after the output embedding (LOGIT_TRANSFORMS), nor any whose logits
+  a start-up probe finds are not the output embedding of the last hidden state.
 - ``logits``: any model returning logits (a tensor, a tuple starting with them, or an
   object with ``.logits``); the loss is ``kd_loss`` on the full logits.
 
@@ -20,7 +22,7 @@ import inspect
 import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -89,47 +91,129 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+# Config attributes with which Hugging Face causal LMs change the logits after the output embedding
+# (or the hidden state fed to it), so that their logits are not lm_head(hidden_states[-1]); each maps
+# to the value that changes nothing (None: any value set is a change). Found in transformers' models:
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": None,  # cap * tanh(logits / cap): Gemma 2/3/3n/4, PaliGemma, VaultGemma, nanochat...
+    "logits_soft_cap": None,  # the same: RecurrentGemma
+    "output_logit_soft_cap": None,  # the same: xLSTM
+    "logit_scale": 1.0,  # logits * scale: Cohere, Cohere2, Cohere2 MoE
+    "logits_scaling": 1.0,  # logits / s: Granite, GraniteMoE...; logits * s: HyperCLOVA X; hidden / s: MiniCPM3
+    "lm_head_multiplier": 1.0,  # logits * m: Falcon-H1
+    "output_multiplier": 1.0,  # logits * m before the soft cap: Muse Spark
+    "logits_mup_width_multiplier": 1.0,  # hidden / m: Inkling
+}
+SPECIAL_TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "sep_token_id", "cls_token_id",
+                  "mask_token_id", "decoder_start_token_id")
+PROBE_LENGTH = 8
+
+
+class LogitTransform(NamedTuple):
+    attribute: str
+    value: object
+
+
+def _configs(model: nn.Module) -> list:
+    """The model's config and, for composite models, the config of its text decoder."""
+    config = getattr(unwrap(model), "config", None)
+    if config is None:
+        return []
+    text = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    return [config] if text is config else [config, text]
+
+
+def logit_transform(model: nn.Module) -> Optional[LogitTransform]:
+    """The first change to the logits after the output embedding that the model's config sets (LOGIT_TRANSFORMS),
+    or None. The fused-linear kernels cannot apply these yet, so such models take the logits path."""
+    for config in _configs(model):
+        for attribute, unchanged in LOGIT_TRANSFORMS.items():
+            value = getattr(config, attribute, None)
+            if value is not None and value != unchanged:
+                return LogitTransform(attribute, value)
+    return None
+
+
+def _first_int(configs: list, names: tuple[str, ...]) -> Optional[int]:
+    return next((getattr(c, n) for c in reversed(configs) for n in names if isinstance(getattr(c, n, None), int)),
+                None)
+
+
+def _probe_ids(model: nn.Module, head: Optional[nn.Module]) -> Tensor:
+    """(1, PROBE_LENGTH) fixed pseudo-random ids from the model's vocabulary, none of them a special token:
+    a padding token's embedding is often zero, and all-zero hidden states give all-zero logits on both routes."""
+    inner, configs = unwrap(model), _configs(model)
+    vocab = _first_int(configs, ("vocab_size",)) or (head.weight.shape[0] if head is not None else 1)
+    embeddings = inner.get_input_embeddings() if callable(getattr(inner, "get_input_embeddings", None)) else None
+    special = {getattr(embeddings, "padding_idx", None)}
+    for config in configs:
+        for name in SPECIAL_TOKENS:
+            ids = getattr(config, name, None)
+            special.update(ids if isinstance(ids, (list, tuple)) else [ids])
+    allowed = torch.tensor([i for i in range(vocab) if i not in special] or [0])
+    length = min(PROBE_LENGTH, _first_int(configs, ("max_position_embeddings", "n_positions", "context")) or
+                 PROBE_LENGTH)
+    picks = torch.randint(len(allowed), (1, length), generator=torch.Generator().manual_seed(0))
+    device = next((p.device for p in inner.parameters()), torch.device("cpu"))
+    return allowed[picks].to(device)
+
+
+def _head_mismatch(out, head: nn.Module) -> Optional[str]:
+    """Why the model's logits are not its output embedding applied to its last hidden state, or None if they are."""
+    logits = logits_of(out)
+    expected = F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None)).float()
+    if expected.shape != logits.shape:
+        return (f"its logits (shape {tuple(logits.shape)}) are not its output embedding applied to its last hidden "
+                f"state (shape {tuple(expected.shape)})")
+    spread = expected.amax() - expected.amin()
+    if not torch.isfinite(spread) or spread == 0:
+        return ("its logits on the probe tokens are all equal (or not finite), so the probe cannot tell whether "
+                "they are its output embedding applied to its last hidden state")
+    # relative to the largest logit, so that a scale changes the error as much as the logits
+    tolerance = max(1e-4, 4 * torch.finfo(logits.dtype).eps) * expected.abs().max()
+    if (logits.float() - expected).abs().max() > tolerance:
+        return "its logits are not its output embedding applied to its last hidden state"
+    return None
+
+
 @torch.no_grad()
-def _probe(model: nn.Module, probe_ids: Tensor) -> tuple[int, Optional[str]]:
+def _probe(model: nn.Module) -> tuple[int, Optional[str]]:
     """The model's vocabulary size, and why the fused-linear path cannot use it (None if it can)."""
     inner = unwrap(model)
+    head, transform = output_head(inner), logit_transform(inner)
+    ids = _probe_ids(inner, head)
     was_training = inner.training
     inner.eval()
     try:
-        head = output_head(inner)
         if is_sharded(inner):
-            return logits_of(inner(probe_ids)).shape[-1], (
-                "FSDP shards its parameters, so its output embedding is whole only inside its forward")
-        if head is None:
-            return logits_of(inner(probe_ids)).shape[-1], (
-                "it lacks get_output_embeddings() or a forward taking output_hidden_states and logits_to_keep")
-        out = inner(probe_ids, output_hidden_states=True)
-        if not getattr(out, "hidden_states", None):
-            return logits_of(out).shape[-1], "it returns no hidden_states when asked for them"
-        logits = logits_of(out).float()
-        # Models that scale or soft-cap logits after the output embedding cannot use the fused path.
-        expected = F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None)).float()
-        if expected.shape != logits.shape or not torch.allclose(logits, expected, rtol=1e-3, atol=1e-3):
-            return logits.shape[-1], "its logits are not its output embedding applied to its last hidden state"
-        return logits.shape[-1], None
+            reason = "FSDP shards its parameters, so its output embedding is whole only inside its forward"
+        elif head is None:
+            reason = "it lacks get_output_embeddings() or a forward taking output_hidden_states and logits_to_keep"
+        elif transform is not None:
+            reason = (f"its config sets {transform.attribute}={transform.value!r}, which transforms the logits "
+                      "after the output embedding")
+        else:
+            out = inner(ids, output_hidden_states=True)
+            if not getattr(out, "hidden_states", None):
+                return logits_of(out).shape[-1], "it returns no hidden_states when asked for them"
+            return logits_of(out).shape[-1], _head_mismatch(out, head)
+        return logits_of(inner(ids)).shape[-1], reason
     finally:
         inner.train(was_training)
 
 
-def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOptions, requested: str = "auto",
-                     probe_ids: Optional[Tensor] = None) -> str:
+def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOptions, requested: str = "auto") -> str:
     """Checks that the pair can be distilled (vocabularies) and returns "fused_linear" or "logits".
 
-    "auto" takes the fused-linear path when both models qualify; asking for
+    "auto" takes the fused-linear path when both models qualify: each has an output embedding
+    and hidden states to apply it to, no known transform of its logits after the output
+    embedding in its config (LOGIT_TRANSFORMS), and a probe forward on a few tokens gives
+    logits equal to the output embedding applied to the last hidden state. Asking for
     "fused_linear" when they do not is an error that says why.
     """
-    if requested not in LOSS_PATHS:
-        raise ValueError(f"loss_path must be one of {', '.join(map(repr, LOSS_PATHS))}; got {requested!r}")
-    if probe_ids is None:
-        device = next(unwrap(student).parameters()).device
-        probe_ids = torch.zeros(1, 2, dtype=torch.long, device=device)
-    v_student, student_reason = _probe(student, probe_ids)
-    v_teacher, teacher_reason = _probe(teacher, probe_ids)
+    check_loss_path(requested)
+    v_student, student_reason = _probe(student)
+    v_teacher, teacher_reason = _probe(teacher)
     check_vocab(v_student, v_teacher, options.vocab_size, "the student's output", "the teacher's output")
     if requested == "logits":
         return "logits"
@@ -139,6 +223,11 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
     if requested == "fused_linear":
         raise ValueError(f"loss_path='fused_linear' cannot be used: {reason}; use loss_path='logits' or 'auto'")
     return "logits"
+
+
+def check_loss_path(requested: str) -> None:
+    if requested not in LOSS_PATHS:
+        raise ValueError(f"loss_path must be one of {', '.join(map(repr, LOSS_PATHS))}; got {requested!r}")
 
 
 class LMDistillLoss:

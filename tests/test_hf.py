@@ -7,7 +7,19 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from helpers_trainer import VOCAB, markov_tokens  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    CohereConfig,
+    CohereForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GraniteConfig,
+    GraniteForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+)
 
 import kdfast  # noqa: E402
 from kdfast import LossOptions  # noqa: E402
@@ -31,6 +43,31 @@ def gpt2(width: int, layers: int, vocab: int = VOCAB) -> GPT2LMHeadModel:
                                       bos_token_id=0, eos_token_id=1))
 
 
+# Tiny models whose token 0 pads (a zero embedding, as in Gemma and Cohere checkpoints), with and without a
+# transform of the logits after the output embedding.
+TINY = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+ARCHITECTURES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(**TINY)),
+    "llama_tied": lambda: LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=True)),
+    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                               pad_token_id=0, bos_token_id=1, eos_token_id=2)),
+    "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=3.0)),
+    "cohere": lambda: CohereForCausalLM(CohereConfig(**TINY, logit_scale=0.0625)),
+    "granite": lambda: GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=8.0)),
+}
+TRANSFORMED = {"gemma2": "final_logit_softcapping=3.0", "cohere": "logit_scale=0.0625", "granite": "logits_scaling=8.0"}
+
+
+def tiny_with_big_logits(architecture: str, seed: int):
+    """A tiny model whose output embedding is scaled up until a soft cap or a scale of its logits matters."""
+    torch.manual_seed(seed)
+    model = ARCHITECTURES[architecture]()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(100.0)
+    return model
+
+
 def dataset(n: int, seed: int) -> list[dict]:
     tokens = markov_tokens(n * LENGTH, seed).view(n, LENGTH)
     return [{"input_ids": row} for row in tokens]
@@ -51,8 +88,8 @@ def test_kd_trainer_lowers_the_loss(make, loss_path, tmp_path):
     trainer = KDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=dataset(96, seed=1),
                         loss_options={"temperature": 2.0, "hard_weight": 0.5, "soft_weight": 0.5},
                         loss_path=loss_path)
-    assert trainer.kd.path == expected_paths()[loss_path == "logits"]
     trainer.train()
+    assert trainer.kd.path == expected_paths()[loss_path == "logits"]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 12 and {"kd", "hard"} <= logs[0].keys()
     assert sum(e["loss"] for e in logs[-3:]) < sum(e["loss"] for e in logs[:3])
@@ -76,6 +113,31 @@ def test_kd_trainer_loss_is_kd_loss_on_shifted_logits_without_padding(make, tmp_
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_kd_trainer_loss_is_kd_loss_on_the_models_own_logits(architecture, tmp_path):
+    teacher, student = tiny_with_big_logits(architecture, 0).eval(), tiny_with_big_logits(architecture, 1).eval()
+    input_ids = torch.randint(3, VOCAB, (2, LENGTH))
+    teacher_logits = teacher(input_ids).logits.detach()
+    if architecture in TRANSFORMED:  # the transform matters: the logits differ from lm_head(hidden states)
+        out = teacher(input_ids, output_hidden_states=True)
+        assert not torch.allclose(teacher.get_output_embeddings()(out.hidden_states[-1]), teacher_logits, rtol=0.1)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = KDTrainer(model=student, teacher_model=teacher, args=args, loss_options=KD)
+    loss = trainer.compute_loss(student, {"input_ids": input_ids})
+    expected = kdfast.kd_loss(student(input_ids).logits[:, :-1], teacher_logits[:, :-1], labels=input_ids[:, 1:],
+                              temperature=2.0, hard_weight=0.5, soft_weight=0.5)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
+    assert trainer.kd.path == ("logits" if architecture in TRANSFORMED else expected_paths()[0])
+
+
+@pytest.mark.parametrize("architecture", TRANSFORMED)
+def test_a_config_that_transforms_the_logits_is_named_when_fused_linear_is_asked_for(architecture):
+    model = ARCHITECTURES[architecture]()
+    expected = f"the student: its config sets {TRANSFORMED[architecture]}, which transforms the logits after"
+    with pytest.raises(ValueError, match=expected):
+        choose_loss_path(model, ARCHITECTURES["llama"](), KD, "fused_linear")
+
+
 def test_hf_models_train_in_the_kdfast_trainer(tmp_path):
     torch.manual_seed(0)
     teacher, student = gpt2(32, 2), llama(16, 1)  # any pair of architectures with one vocabulary
@@ -93,16 +155,24 @@ def test_hf_vocabulary_mismatch_is_named():
         expected_paths()
 
 
-def test_logits_after_the_head_rule_out_the_fused_path():
-    class Scaled(LlamaForCausalLM):  # like Cohere's logit_scale: logits change after the output embedding
+def test_the_probe_finds_logits_changed_after_the_head_by_an_unknown_config():
+    class Scaled(LlamaForCausalLM):  # a scale no config attribute names: only the probe can see it
         def forward(self, input_ids=None, logits_to_keep=0, **kwargs):
             out = super().forward(input_ids, logits_to_keep=logits_to_keep, **kwargs)
-            out.logits = 2.0 * out.logits
+            out.logits = 0.5 * out.logits
             return out
 
-    capped = Scaled(llama(16, 1).config)
-    assert choose_loss_path(capped, llama(16, 1), KD) == "logits"
-    if hasattr(kdfast, "fused_linear_kd_loss"):
-        with pytest.raises(ValueError, match="not its output embedding applied to its last hidden state"):
-            choose_loss_path(capped, llama(16, 1), KD, "fused_linear")
+    scaled = Scaled(LlamaConfig(**TINY))  # token 0 pads: a probe of zeros would see zero logits on both routes
+    assert choose_loss_path(scaled, ARCHITECTURES["llama"](), KD) == "logits"
+    with pytest.raises(ValueError, match="its logits are not its output embedding applied to its last hidden state"):
+        choose_loss_path(scaled, ARCHITECTURES["llama"](), KD, "fused_linear")
+
+
+def test_the_probe_refuses_logits_it_cannot_check():
+    blank = ARCHITECTURES["llama"]()
+    with torch.no_grad():
+        blank.get_output_embeddings().weight.zero_()  # every logit 0: any transform of them would pass
+    assert choose_loss_path(blank, ARCHITECTURES["llama"](), KD) == "logits"
+    with pytest.raises(ValueError, match="logits on the probe tokens are all equal"):
+        choose_loss_path(ARCHITECTURES["llama"](), blank, KD, "fused_linear")
 
