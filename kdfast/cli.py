@@ -22,7 +22,8 @@ from .data import TokenWindows, encode_texts, load_tokens, read_texts, split_fil
 from .trainer import DistillTrainer, TrainConfig, leave_distributed
 
 DISTILL_EXAMPLE = """\
-example config (YAML; TOML with the same keys works too):
+example config (YAML; TOML with the same keys works too; paths are relative to the folder
+it runs in, numbers such as 1e-3 are numbers):
 
   data:
     train_tokens: data/train.npy   # a 1-D token array (.npy, or a torch.save'd tensor)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
+import typing
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -35,7 +37,7 @@ def load_config(path: Union[str, Path]) -> dict:
             tomllib = require("tomli", "demo", "reading TOML configs on Python 3.10")
         config = tomllib.loads(path.read_text())
     elif path.suffix in (".yaml", ".yml"):
-        config = require("yaml", "demo", "reading YAML configs").safe_load(path.read_text())
+        config = _yaml_load(path.read_text(), "reading YAML configs")
     else:
         raise ValueError(f"config file {path} must end in .yaml, .yml or .toml")
     if not isinstance(config, dict):
@@ -43,9 +45,22 @@ def load_config(path: Union[str, Path]) -> dict:
     return config
 
 
+def _yaml_load(text: str, purpose: str) -> Any:
+    """YAML as safe_load reads it, except that 1e-3 and 1E5 are numbers, as in YAML 1.2
+    (PyYAML follows YAML 1.1, where a float needs a dot and 1e-3 is a string)."""
+    yaml = require("yaml", "demo", purpose)
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                 list("-+0123456789"))
+    return yaml.load(text, Loader=Loader)
+
+
 def _parse_value(text: str) -> Any:
     try:
-        return require("yaml", "demo", "--set").safe_load(text)
+        return _yaml_load(text, "--set")
     except ImportError:
         try:
             return json.loads(text)
@@ -86,11 +101,50 @@ def check_keys(values: dict, allowed, where: str) -> None:
         raise ValueError(f"unknown key(s) {', '.join(unknown)} in '{where}'; known: {', '.join(sorted(allowed))}")
 
 
-def build(cls, values: dict, where: str, **fixed):
-    """cls(**values, **fixed) for a dataclass, rejecting keys it does not have with an error naming the section."""
-    check_keys(values, [f.name for f in dataclasses.fields(cls)], where)
+def _number(value: Any, kind: type, key: str) -> Union[int, float]:
+    expected = "an integer" if kind is int else "a number"
     try:
-        return cls(**{**values, **fixed})
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ValueError(f"{key} must be {expected}, got {value!r}") from None
+    if kind is int and isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or (kind is int and isinstance(number, float)):
+        raise ValueError(f"{key} must be {expected}, got {value!r}")
+    return kind(number)
+
+
+def _convert(value: Any, kind: Any, key: str) -> Any:
+    """value as the type ``kind`` of a dataclass field (int, float, bool, str, tuple[...], Optional[...]),
+    or a ValueError naming key and the type expected: a config may give 1e-3 as text, or 1000 as 1000.0."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Union:  # Optional[X]: None or an X
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return _convert(value, rest[0], key) if len(rest) == 1 else value
+    if origin is tuple:
+        kinds = [args[0]] * len(value) if args[-1:] == (Ellipsis,) and isinstance(value, (list, tuple)) else args
+        if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+            raise ValueError(f"{key} must be a list of {len(kinds)}, got {value!r}")
+        return tuple(_convert(v, k, f"{key}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
+    if kind is bool and not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    if kind in (int, float):
+        return _number(value, kind, key)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # a name or path that YAML read as a number
+    return value
+
+
+def build(cls, values: dict, where: str, **fixed):
+    """cls(**values, **fixed) for a dataclass, each value converted to its field's type, rejecting keys it does
+    not have and values that do not convert with an error naming the key."""
+    check_keys(values, [f.name for f in dataclasses.fields(cls)], where)
+    kinds = typing.get_type_hints(cls)
+    converted = {name: _convert(value, kinds[name], f"{where}.{name}") for name, value in values.items()}
+    try:
+        return cls(**{**converted, **fixed})
     except (TypeError, ValueError) as exc:
         raise ValueError(f"in '{where}': {exc}") from exc
 

@@ -1,8 +1,10 @@
 """The kdfast command: distill from YAML / TOML configs, the demo end to end, and its error messages."""
 
 import importlib
+import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,10 @@ import torch
 from helpers_trainer import CONTEXT, make_pair, markov_tokens
 
 from kdfast.cli import main
-from kdfast.config import load_config, load_weights, require, save_weights
+from kdfast.config import apply_overrides, build, load_config, load_weights, require, save_weights
 from kdfast.data import save_tokens
 from kdfast.models import GPT, GPTConfig
+from kdfast.trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +76,43 @@ def test_distill_help_shows_an_example_config(capsys):
         main(["distill", "--help"])
     assert exit_info.value.code == 0
     assert "example config" in capsys.readouterr().out
+
+
+def test_the_example_config_in_the_help_runs(tmp_path, monkeypatch, capsys):
+    transformers = pytest.importorskip("transformers")
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    printed = capsys.readouterr().out.split("example config")[1].split("\n\n")[1]  # the indented block after it
+    (tmp_path / "distill.yaml").write_text(textwrap.dedent(printed))
+    monkeypatch.chdir(tmp_path)  # its paths are relative
+    config = load_config("distill.yaml")
+    data, vocab = config["data"], config["data"]["vocab_size"]
+    Path(data["train_tokens"]).parent.mkdir(parents=True, exist_ok=True)
+    save_tokens(markov_tokens(8000, seed=1, vocab=vocab), data["train_tokens"])
+    save_tokens(markov_tokens(2000, seed=2, vocab=vocab), data["eval_tokens"])
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2)).save_pretrained(config["teacher"]["hf"])
+    assert main(["distill", "--config", "distill.yaml", "--set", "train.steps=2", "--set", "train.progress=false"]) == 0
+    assert json.loads((Path(config["train"]["out_dir"]) / "summary.json").read_text())["steps"] == 2
+
+
+def test_numbers_are_numbers_in_files_and_in_set_and_bad_ones_are_named(tmp_path, distill_inputs, capsys):
+    (tmp_path / "c.yaml").write_text("train: {lr: 1e-3, steps: 2E+1, betas: [0.9, '0.99'], min_lr_ratio: '1e-2'}\n")
+    config = apply_overrides(load_config(tmp_path / "c.yaml"), ["train.weight_decay=1e-2", "train.warmup_steps=1e1"])
+    train = build(TrainConfig, config["train"], "train")
+    assert (train.lr, train.steps, train.betas, train.min_lr_ratio) == (1e-3, 20, (0.9, 0.99), 1e-2)
+    assert (train.weight_decay, train.warmup_steps) == (1e-2, 10) and isinstance(train.warmup_steps, int)
+    path = distill_inputs / "config.yaml"
+    path.write_text(DISTILL_YAML.format(dir=distill_inputs, out=distill_inputs / "out", context=CONTEXT))
+    assert main(["distill", "--config", str(path), "--set", "train.lr=1e-3", "--set", "train.steps=1"]) == 0
+    for item, message in (("train.lr=abc", "train.lr must be a number, got 'abc'"),
+                          ("train.steps=2.5", "train.steps must be an integer, got 2.5"),
+                          ("train.resume=maybe", "train.resume must be true or false, got 'maybe'"),
+                          ("train.betas=[0.9]", "train.betas must be a list of 2, got [0.9]"),
+                          ("student.gpt.n_layer=two", "student.gpt.n_layer must be an integer, got 'two'")):
+        assert main(["distill", "--config", str(path), "--set", item]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_distill_from_yaml_and_toml_gives_the_same_student(distill_inputs):
