@@ -99,6 +99,23 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def setting_differences(then: dict, now: dict, prefix: str = "") -> list[str]:
+    """The keys whose values differ, nested keys dotted, as "train.steps: 4 -> 6" lines."""
+    unset = object()
+
+    def show(value) -> str:
+        return "(unset)" if value is unset else repr(value)
+
+    lines = []
+    for key in [*then, *(k for k in now if k not in then)]:
+        old, new = then.get(key, unset), now.get(key, unset)
+        if isinstance(old, dict) and isinstance(new, dict):
+            lines += setting_differences(old, new, f"{prefix}{key}.")
+        elif old != new:
+            lines.append(f"{prefix}{key}: {show(old)} -> {show(new)}")
+    return lines
+
+
 def init_distributed() -> tuple[int, int, int]:
     """(rank, world size, local rank); joins the process group torchrun set up in the environment."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
@@ -299,8 +316,8 @@ class DistillTrainer:
             return None
         state = load_checkpoint(path)
         if state["run"] != self.run_settings:
-            changed = {k: (state["run"].get(k), v) for k, v in self.run_settings.items() if state["run"].get(k) != v}
-            raise ValueError(f"checkpoint {path} was written with other settings ({changed}, as (then, now)): "
+            changed = "".join(f"\n  {line}" for line in setting_differences(state["run"], self.run_settings))
+            raise ValueError(f"checkpoint {path} was written with other settings (then -> now):{changed}\n"
                              f"run with the same settings to resume it, or choose another out_dir")
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -196,8 +196,10 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(tmp_path):
     teacher, student = make_pair(seed=0)
     DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss=KD).train()
-    with pytest.raises(ValueError, match="other settings.*lr"):
-        DistillTrainer(student, windows(), config(tmp_path, lr=1e-2), teacher=teacher, loss=KD).train()
+    with pytest.raises(ValueError, match="other settings") as refused:
+        DistillTrainer(student, windows(), config(tmp_path, lr=1e-2, steps=8), teacher=teacher, loss=KD).train()
+    differences = str(refused.value).split("(then -> now):\n")[1].splitlines()[:-1]
+    assert differences == ["  train.steps: 6 -> 8", "  train.lr: 0.003 -> 0.01"]
     with pytest.raises(FileExistsError, match="earlier run"):
         DistillTrainer(student, windows(), config(tmp_path, resume=False), teacher=teacher, loss=KD).train()
     # the same settings resume: nothing left to train, the same weights
