@@ -26,3 +26,13 @@ def make_pair(seed: int, vocab: int = VOCAB, student_vocab: int = None) -> tuple
     teacher = GPT(GPTConfig(vocab, CONTEXT, n_layer=2, n_head=2, d_model=32))
     student = GPT(GPTConfig(student_vocab or vocab, CONTEXT, n_layer=1, n_head=2, d_model=16))
     return teacher, student
+
+
+def tiny_llama(seed: int, width: int = 16):
+    """A one-layer Hugging Face Llama on VOCAB tokens, initialised from seed (needs transformers)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2))

@@ -1,5 +1,11 @@
 """kdfast with Hugging Face transformers models (random init from small configs) and its Trainer."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,6 +13,8 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from helpers_trainer import VOCAB, markov_tokens  # noqa: E402
+from hf_fsdp_worker import KD as FSDP_KD  # noqa: E402
+from hf_fsdp_worker import models_and_batch  # noqa: E402
 from transformers import (  # noqa: E402
     CohereConfig,
     CohereForCausalLM,
@@ -29,6 +37,7 @@ from kdfast.lm import choose_loss_path  # noqa: E402
 from kdfast.trainer import DistillTrainer, TrainConfig  # noqa: E402
 
 KD = LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5)
+FSDP_WORKER = Path(__file__).resolve().parent / "hf_fsdp_worker.py"
 LENGTH = 24
 
 
@@ -136,6 +145,22 @@ def test_a_config_that_transforms_the_logits_is_named_when_fused_linear_is_asked
     expected = f"the student: its config sets {TRANSFORMED[architecture]}, which transforms the logits after"
     with pytest.raises(ValueError, match=expected):
         choose_loss_path(model, ARCHITECTURES["llama"](), KD, "fused_linear")
+
+
+@pytest.mark.slow
+def test_kd_trainer_chooses_its_path_on_the_model_fsdp_sharded_after_it_was_built(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(kdfast.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    str(FSDP_WORKER), str(tmp_path)], check=True, env=env, timeout=120)
+    teacher, student, input_ids = models_and_batch()  # one process, nothing sharded
+    single = kdfast.kd_loss(student(input_ids).logits[:, :-1], teacher(input_ids).logits[:, :-1].detach(),
+                            labels=input_ids[:, 1:], **FSDP_KD).item()
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["path"] == "logits"
+        assert result["loss"] == pytest.approx(result["expected"], rel=1e-5)
+        assert result["loss"] == pytest.approx(single, rel=1e-5)
+        assert result["after"] < result["loss"]  # it trains
 
 
 def test_hf_models_train_in_the_kdfast_trainer(tmp_path):

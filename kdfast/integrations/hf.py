@@ -13,8 +13,9 @@
 Batches hold ``input_ids`` and, optionally, ``attention_mask`` and ``labels`` (unshifted, as
 for Hugging Face causal LMs, -100 where nothing is to be predicted; without labels the
 input ids are the targets, padding excluded). The loss is kdfast's fused-linear KD loss
-when both models allow it, else kd_loss on their logits (kdfast.lm decides). Logs gain
-the two parts of the loss, ``kd`` and ``hard``.
+when both models allow it, else kd_loss on their logits: kdfast.lm decides at the first
+step, on the model as the Trainer has wrapped it (an FSDP-sharded model takes the logits
+path). Logs gain the two parts of the loss, ``kd`` and ``hard``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from ..api import LossOptions
 from ..config import require
-from ..lm import LMDistillLoss, choose_loss_path
+from ..lm import LMDistillLoss, check_loss_path, choose_loss_path
 
 transformers = require("transformers", "hf", "kdfast.integrations.hf")
 require("accelerate", "hf", "transformers.Trainer")
@@ -39,6 +40,8 @@ class KDTrainer(transformers.Trainer):
         teacher_model: a causal LM with the student's vocabulary (or set ``vocab_size``).
         loss_options: a :class:`kdfast.LossOptions` or a dict of its fields.
         loss_path: "auto", "fused_linear" or "logits" (see kdfast.lm).
+
+    ``trainer.kd``, the loss (``trainer.kd.path`` the path taken), is set at the first step.
     """
 
     # compute_loss returns a mean over the micro-batch: Trainer divides it by the accumulation steps.
@@ -49,13 +52,22 @@ class KDTrainer(transformers.Trainer):
         super().__init__(*args, **kwargs)
         # transformers < 5 decides the same from this flag (and then skips counting items per batch)
         self.model_accepts_loss_kwargs = False
-        options = loss_options if isinstance(loss_options, LossOptions) else LossOptions(**(loss_options or {}))
+        check_loss_path(loss_path)
+        self.loss_options = loss_options if isinstance(loss_options, LossOptions) else \
+            LossOptions(**(loss_options or {}))
+        self.loss_path = loss_path
         self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
-        self.kd = LMDistillLoss(options, choose_loss_path(self.model, self.teacher_model, options, loss_path))
+        # Chosen in compute_loss, on the model the Trainer passes there: it wraps (and FSDP shards) the model
+        # given here only later, and a sharded output embedding rules out the fused path.
+        self.kd: Optional[LMDistillLoss] = None
+        self._kd_model = None  # the model self.kd was chosen for
         self._part_sums, self._part_count = None, 0  # kd and hard, summed on the device between logs
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
-        ignore = self.kd.options.ignore_index
+        if model is not self._kd_model:
+            path = choose_loss_path(model, self.teacher_model, self.loss_options, self.loss_path)
+            self.kd, self._kd_model = LMDistillLoss(self.loss_options, path), model
+        ignore = self.loss_options.ignore_index
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         labels = inputs.get("labels")
         if labels is None:
