@@ -45,16 +45,18 @@ def load_config(path: Union[str, Path]) -> dict:
     return config
 
 
+# Numbers with an exponent and no dot (1e-3, 2E+5): YAML 1.2 reads them as numbers, PyYAML (YAML 1.1) as text.
+EXPONENT_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
 def _yaml_load(text: str, purpose: str) -> Any:
-    """YAML as safe_load reads it, except that 1e-3 and 1E5 are numbers, as in YAML 1.2
-    (PyYAML follows YAML 1.1, where a float needs a dot and 1e-3 is a string)."""
+    """YAML as safe_load reads it, except that 1e-3 is a number."""
     yaml = require("yaml", "demo", purpose)
 
     class Loader(yaml.SafeLoader):
         pass
 
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                 list("-+0123456789"))
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789"))
     return yaml.load(text, Loader=Loader)
 
 
@@ -124,8 +126,10 @@ def _convert(value: Any, kind: Any, key: str) -> Any:
         rest = [a for a in args if a is not type(None)]
         return _convert(value, rest[0], key) if len(rest) == 1 else value
     if origin is tuple:
-        kinds = [args[0]] * len(value) if args[-1:] == (Ellipsis,) and isinstance(value, (list, tuple)) else args
-        if not isinstance(value, (list, tuple)) or len(value) != len(kinds):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        kinds = [args[0]] * len(value) if args[-1:] == (Ellipsis,) else args
+        if len(value) != len(kinds):
             raise ValueError(f"{key} must be a list of {len(kinds)}, got {value!r}")
         return tuple(_convert(v, k, f"{key}[{i}]") for i, (v, k) in enumerate(zip(value, kinds)))
     if kind is bool and not isinstance(value, bool):

@@ -161,17 +161,19 @@ def _probe_ids(model: nn.Module, head: Optional[nn.Module]) -> Tensor:
 def _head_mismatch(out, head: nn.Module) -> Optional[str]:
     """Why the model's logits are not its output embedding applied to its last hidden state, or None if they are."""
     logits = logits_of(out)
-    expected = F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None)).float()
+    expected = F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None))
     if expected.shape != logits.shape:
         return (f"its logits (shape {tuple(logits.shape)}) are not its output embedding applied to its last hidden "
                 f"state (shape {tuple(expected.shape)})")
+    # relative to the largest logit, so that a scale changes the error as much as the logits; a few roundings
+    # of the coarser of the two dtypes (autocast may compute in bf16 what the model returns in fp32)
+    rtol = max(1e-4, 4 * torch.finfo(logits.dtype).eps, 4 * torch.finfo(expected.dtype).eps)
+    logits, expected = logits.float(), expected.float()
     spread = expected.amax() - expected.amin()
     if not torch.isfinite(spread) or spread == 0:
         return ("its logits on the probe tokens are all equal (or not finite), so the probe cannot tell whether "
                 "they are its output embedding applied to its last hidden state")
-    # relative to the largest logit, so that a scale changes the error as much as the logits
-    tolerance = max(1e-4, 4 * torch.finfo(logits.dtype).eps) * expected.abs().max()
-    if (logits.float() - expected).abs().max() > tolerance:
+    if (logits - expected).abs().max() > rtol * expected.abs().max():
         return "its logits are not its output embedding applied to its last hidden state"
     return None
 
