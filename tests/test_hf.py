@@ -69,12 +69,13 @@ TRANSFORMED = {"gemma2": "final_logit_softcapping=3.0", "cohere": "logit_scale=0
 
 
 def tiny_with_big_logits(architecture: str, seed: int):
-    """A tiny model whose output embedding is scaled up until a soft cap or a scale of its logits matters."""
+    """A tiny model in eval mode (no dropout) whose output embedding is scaled up until a soft cap or a scale of
+    its logits matters."""
     torch.manual_seed(seed)
     model = ARCHITECTURES[architecture]()
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(100.0)
-    return model
+    return model.eval()
 
 
 def dataset(n: int, seed: int) -> list[dict]:
@@ -124,7 +125,7 @@ def test_kd_trainer_loss_is_kd_loss_on_shifted_logits_without_padding(make, tmp_
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_kd_trainer_loss_is_kd_loss_on_the_models_own_logits(architecture, tmp_path):
-    teacher, student = tiny_with_big_logits(architecture, 0).eval(), tiny_with_big_logits(architecture, 1).eval()
+    teacher, student = tiny_with_big_logits(architecture, 0), tiny_with_big_logits(architecture, 1)
     input_ids = torch.randint(3, VOCAB, (2, LENGTH))
     teacher_logits = teacher(input_ids).logits.detach()
     if architecture in TRANSFORMED:  # the transform matters: the logits differ from lm_head(hidden states)
