@@ -111,7 +111,7 @@ PROBE_LENGTH = 8
 
 class LogitTransform(NamedTuple):
     attribute: str
-    value: object
+    value: float
 
 
 def _configs(model: nn.Module) -> list:
