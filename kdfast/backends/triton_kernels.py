@@ -244,3 +244,4 @@ def scale_grad_(grad, grad_output) -> None:
     _scale_rows_kernel[grid](grad, grad_output.float().contiguous(), rows_per_batch, grad.stride(0), grad.stride(1),
                              vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)
 
+from .triton_sparse import sparse_kd_forward  # noqa: E402,F401  (the sparse-teacher kernel)
