@@ -114,6 +114,3 @@ class KDLoss(torch.nn.Module):
         changed = {k: v for k, v in vars(self.options).items() if getattr(defaults, k) != v}
         return ", ".join(f"{k}={v!r}" for k, v in changed.items())
 
-
-# Transitional names for kdfast.lm until the training stack moves onto the public API.
-compute_kd_loss = _kd_loss_with_options

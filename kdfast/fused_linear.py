@@ -103,10 +103,3 @@ class FusedLinearKDLoss(torch.nn.Module):
             LinearHead(teacher_hidden, teacher_weight, teacher_bias), labels, self.options, self.chunk_size,
             self.return_parts, num_items_in_batch)
 
-
-# Transitional name for kdfast.lm until the training stack moves onto the public API.
-def compute_fused_linear_kd_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias,
-                                 teacher_bias, labels, opts, chunk_size, return_parts=False):
-    return _fused_linear_kd_loss_with_options(LinearHead(student_hidden, student_weight, student_bias),
-                                              LinearHead(teacher_hidden, teacher_weight, teacher_bias), labels,
-                                              opts, chunk_size, return_parts)

@@ -2,7 +2,7 @@
 
 import torch
 
-from kdfast.models import GPT, GPTConfig
+from kdfast.train.models import GPT, GPTConfig
 
 VOCAB = 48
 CONTEXT = 16

@@ -24,7 +24,7 @@ from transformers import TrainingArguments  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.integrations.hf import KDTrainer  # noqa: E402
-from kdfast.trainer import leave_distributed  # noqa: E402
+from kdfast.train.runtime import leave_distributed  # noqa: E402
 
 KD = {"temperature": 2.0, "hard_weight": 0.5, "soft_weight": 0.5}
 LENGTH = 12

@@ -11,11 +11,11 @@ import pytest
 import torch
 from helpers_trainer import CONTEXT, make_pair, markov_tokens
 
-from kdfast.cli import main
-from kdfast.config import apply_overrides, build, load_config, load_weights, require, save_weights
-from kdfast.data import save_tokens
-from kdfast.models import GPT, GPTConfig
-from kdfast.trainer import TrainConfig
+from kdfast.train.cli import main
+from kdfast.train.config import apply_overrides, build, load_config, load_weights, require, save_weights
+from kdfast.train.data import save_tokens
+from kdfast.train.models import GPT, GPTConfig
+from kdfast.train.trainer import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

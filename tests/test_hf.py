@@ -31,10 +31,10 @@ from transformers import (  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast import LossOptions  # noqa: E402
-from kdfast.data import TokenWindows  # noqa: E402
+from kdfast.train.data import TokenWindows  # noqa: E402
 from kdfast.integrations.hf import KDTrainer  # noqa: E402
-from kdfast.lm import choose_loss_path  # noqa: E402
-from kdfast.trainer import DistillTrainer, TrainConfig  # noqa: E402
+from kdfast.train.lm import choose_loss_path  # noqa: E402
+from kdfast.train.trainer import DistillTrainer, TrainConfig  # noqa: E402
 
 KD = LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5)
 FSDP_WORKER = Path(__file__).resolve().parent / "hf_fsdp_worker.py"

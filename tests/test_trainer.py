@@ -16,10 +16,10 @@ from torch import nn
 
 import kdfast
 from kdfast import LossOptions
-from kdfast.checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
-from kdfast.data import TokenWindows
-from kdfast.lm import LMDistillLoss, choose_loss_path
-from kdfast.trainer import DistillTrainer, TrainConfig, lr_factor
+from kdfast.train.checkpoint import checkpoints, latest_checkpoint, load_checkpoint, save_checkpoint
+from kdfast.train.data import TokenWindows
+from kdfast.train.lm import LMDistillLoss, choose_loss_path
+from kdfast.train.trainer import DistillTrainer, TrainConfig, lr_factor
 
 WORKER = Path(__file__).resolve().parent / "trainer_worker.py"
 KD = LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5)

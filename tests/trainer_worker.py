@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_trainer import make_pair, markov_tokens  # noqa: E402
 
 from kdfast import LossOptions  # noqa: E402
-from kdfast.data import TokenWindows  # noqa: E402
-from kdfast.trainer import DistillTrainer, TrainConfig, leave_distributed  # noqa: E402
+from kdfast.train.data import TokenWindows  # noqa: E402
+from kdfast.train.runtime import leave_distributed  # noqa: E402
+from kdfast.train.trainer import DistillTrainer, TrainConfig  # noqa: E402
 
 STEPS = 8
 

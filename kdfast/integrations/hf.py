@@ -13,7 +13,7 @@
 Batches hold ``input_ids`` and, optionally, ``attention_mask`` and ``labels`` (unshifted, as
 for Hugging Face causal LMs, -100 where nothing is to be predicted; without labels the
 input ids are the targets, padding excluded). The loss is kdfast's fused-linear KD loss
-when both models allow it, else kd_loss on their logits: kdfast.lm decides at the first
+when both models allow it, else kd_loss on their logits: kdfast.train.lm decides at the first
 step, on the model as the Trainer has wrapped it (an FSDP-sharded model takes the logits
 path). Logs gain the two parts of the loss, ``kd`` and ``hard``.
 """
@@ -25,9 +25,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.functional as F
 
-from ..api import LossOptions
-from ..config import require
-from ..lm import LMDistillLoss, check_loss_path, choose_loss_path
+from kdfast import LossOptions
+
+from ..train.config import require
+from ..train.lm import LMDistillLoss, check_loss_path, choose_loss_path
 
 transformers = require("transformers", "hf", "kdfast.integrations.hf")
 require("accelerate", "hf", "transformers.Trainer")
@@ -39,7 +40,7 @@ class KDTrainer(transformers.Trainer):
     Args (besides Trainer's):
         teacher_model: a causal LM with the student's vocabulary (or set ``vocab_size``).
         loss_options: a :class:`kdfast.LossOptions` or a dict of its fields.
-        loss_path: "auto", "fused_linear" or "logits" (see kdfast.lm).
+        loss_path: "auto", "fused_linear" or "logits" (see kdfast.train.lm).
 
     ``trainer.kd``, the loss (``trainer.kd.path`` the path taken), is set at the first step.
     """

@@ -5,7 +5,7 @@ This is the one place that chooses how the loss is computed:
 - ``fused_linear``: both models return their final hidden states and expose the output
   embedding applied to them, so ``kdfast.fused_linear_kd_loss`` computes the loss from
   (hidden states, weight) pairs chunk by chunk, without the N x V logits. Hugging Face
-  causal LMs and :class:`kdfast.models.GPT` qualify: they take ``output_hidden_states`` and
+  causal LMs and :class:`kdfast.train.models.GPT` qualify: they take ``output_hidden_states`` and
   ``logits_to_keep`` and have ``get_output_embeddings()``; not those whose config soft-caps
   or scales the logits after the output embedding (LOGIT_TRANSFORMS), nor any whose logits
   a start-up probe finds are not the output embedding of the last hidden state.
@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 import kdfast
 
-from .api import KDLossParts, LossOptions, check_vocab, compute_kd_loss
-from .fused_linear import compute_fused_linear_kd_loss
+from kdfast import KDLossParts, LossOptions
+from kdfast.inputs import check_vocab
 
 LOSS_PATHS = ("auto", "fused_linear", "logits")
 
@@ -264,12 +264,12 @@ class LMDistillLoss:
             return KDLossParts(loss, torch.zeros_like(loss.detach()), loss.detach())
         if fused:
             s_head, t_head = output_head(student), output_head(teacher)
-            return compute_fused_linear_kd_loss(
+            return kdfast.fused_linear_kd_loss(
                 student_out.hidden_states[-1], s_head.weight, teacher_out.hidden_states[-1], t_head.weight,
-                getattr(s_head, "bias", None), getattr(t_head, "bias", None), targets, self.options,
-                chunk_size=None, return_parts=True)
-        return compute_kd_loss(logits_of(student_out), logits_of(teacher_out), targets, self.options,
-                               return_parts=True)
+                student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
+                labels=targets, return_parts=True, **self.options.as_kwargs())
+        return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets, return_parts=True,
+                              **self.options.as_kwargs())
 
 
 def _eval_sums(logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor, options: LossOptions) -> Tensor:

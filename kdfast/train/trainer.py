@@ -1,7 +1,7 @@
 """A small training loop for a student LM distilled from a frozen teacher (or trained alone).
 
 One process or many: under ``torchrun`` the same code runs data-parallel (DDP), each
-process reading its share of every global batch (kdfast.data). Checkpoints hold all
+process reading its share of every global batch (kdfast.train.data). Checkpoints hold all
 that the next step depends on (weights, optimizer, schedule, RNG states, step: the data
 position follows from the step), so a run killed at any moment and started again with
 the same command ends with the same weights as one never interrupted.
@@ -30,10 +30,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .api import LossOptions
+from kdfast import LossOptions
+
 from .checkpoint import checkpoints, ensure_writable_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TokenWindows
 from .lm import LOSS_PATHS, LMDistillLoss, choose_loss_path, evaluate_models, is_sharded
+from .runtime import MetricsLog, init_distributed, peak_memory, progress_bar, reset_peak_memory, resolve_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of each precision setting
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,7 +55,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     precision: str = "fp32"  # "bf16": the models run under bf16 autocast
     teacher_dtype: str = "fp32"  # what the frozen teacher's floating-point weights are cast to ("bf16" halves them)
-    loss_path: str = "auto"  # "auto", "fused_linear" or "logits" (kdfast.lm)
+    loss_path: str = "auto"  # "auto", "fused_linear" or "logits" (kdfast.train.lm)
     seed: int = 0  # the loop's random state (dropout); data order and initial weights are the caller's
     device: str = "auto"  # "auto": this process's GPU when there is one, else the CPU
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -114,111 +116,6 @@ def setting_differences(then: dict, now: dict, prefix: str = "") -> list[str]:
         elif old != new:
             lines.append(f"{prefix}{key}: {show(old)} -> {show(new)}")
     return lines
-
-
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, world size, local rank); joins the process group torchrun set up in the environment."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return 0, 1, 0
-
-
-def leave_distributed(finished: bool = True) -> None:
-    """Leaves the process group, if any: call it once at the end of a script run under torchrun,
-    after the trainer (and so its DDP wrapper) has been freed.
-
-    gloo can hang in its teardown otherwise. In the two-process CPU test a rank hung at exit in
-    6 runs of 20 when the ranks left out of step, in 1 of 30 when the DDP wrapper outlived the
-    group, and in none of 60 in this order. After a finished run every rank first waits for the
-    others; after a failure they may never arrive, so then it does not wait.
-    """
-    if not dist.is_initialized():
-        return
-    gc.collect()  # a DDP wrapper caught in a reference cycle goes now, before the group
-    if finished:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_memory(device: torch.device) -> dict:
-    """Peak memory since reset_peak_memory: CUDA memory allocated by tensors, or the process's peak RSS."""
-    if device.type == "cuda":
-        return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
-    try:
-        status = Path("/proc/self/status").read_text()
-        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-    except (OSError, StopIteration):
-        import resource
-
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"peak_memory_bytes": kib * 1024, "peak_memory_kind": "process_rss"}
-
-
-class MetricsLog:
-    """Metrics as JSON lines in out_dir/metrics.jsonl, and as TensorBoard events when installed.
-
-    On resume, records past the resumed step (written before the interruption, and about
-    to be written again) are dropped so that the log reads as one run.
-    """
-
-    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool):
-        self.path = out_dir / "metrics.jsonl"
-        if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # optional: `pip install tensorboard`
-                pass
-            else:
-                self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, step: int, split: str, metrics: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-        if self.tb is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{split}/{name}", value, step)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _progress_bar(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        warnings.warn("kdfast: no progress bar without tqdm: pip install 'kdfast[demo]'", stacklevel=3)
-        return None
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
 class DistillTrainer:
@@ -381,7 +278,7 @@ class DistillTrainer:
         cfg = self.cfg
         self.resume()
         log = MetricsLog(self.out_dir, self.step, cfg.tensorboard) if self.rank == 0 else None
-        bar = _progress_bar(cfg.progress and self.rank == 0, cfg.steps, self.step)
+        bar = progress_bar(cfg.progress and self.rank == 0, cfg.steps, self.step)
         reset_peak_memory(self.device)
         self.student.train()
         interval_sums, interval_steps, interval_start = torch.zeros(3, device=self.device), 0, self.train_seconds

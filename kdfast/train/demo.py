@@ -26,22 +26,15 @@ from typing import Any, Optional
 
 import torch
 
-from . import __version__
-from .api import LossOptions
+from kdfast import LossOptions, __version__
+
 from .checkpoint import ensure_writable_dir
 from .config import build, build_model, check_keys, load_weights, require, save_weights, section
-from .data import (
-    TokenWindows,
-    encode_texts,
-    load_tokens,
-    python_stdlib_files,
-    read_texts,
-    save_tokens,
-    split_files,
-    train_tokenizer,
-)
+from .corpus import encode_texts, python_stdlib_files, read_texts, split_files, train_tokenizer
+from .data import TokenWindows, load_tokens, save_tokens
 from .lm import evaluate_models
-from .trainer import PRECISIONS, DistillTrainer, TrainConfig, resolve_device
+from .runtime import resolve_device
+from .trainer import PRECISIONS, DistillTrainer, TrainConfig
 
 TOP_LEVEL = ("seed", "device", "cache_dir", "data", "tokenizer", "teacher", "student", "loss", "eval")
 

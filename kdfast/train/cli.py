@@ -16,10 +16,13 @@ from typing import Optional
 
 import torch
 
-from .api import LossOptions
+from kdfast import LossOptions
+
 from .config import apply_overrides, build, build_model, check_keys, load_config, require, save_weights, section
-from .data import TokenWindows, encode_texts, load_tokens, read_texts, split_files
-from .trainer import DistillTrainer, TrainConfig, leave_distributed
+from .corpus import encode_texts, read_texts, split_files
+from .data import TokenWindows, load_tokens
+from .runtime import leave_distributed
+from .trainer import DistillTrainer, TrainConfig
 
 DISTILL_EXAMPLE = """\
 example config (YAML; TOML with the same keys works too; paths are relative to the folder

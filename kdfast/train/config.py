@@ -156,7 +156,7 @@ def build(cls, values: dict, where: str, **fixed):
 def build_model(spec: dict, where: str, vocab_size: Optional[int] = None) -> nn.Module:
     """A model from a config spec, one of:
 
-    - ``{gpt: {n_layer: 2, d_model: 128, ...}, weights: FILE}``: kdfast.models.GPT (vocab_size
+    - ``{gpt: {n_layer: 2, d_model: 128, ...}, weights: FILE}``: kdfast.train.models.GPT (vocab_size
       defaults to the tokenizer's); weights, optional, a safetensors file of its state dict;
     - ``{hf: NAME_OR_DIR}``: transformers.AutoModelForCausalLM.from_pretrained;
     - ``{hf_config: {model_type: llama, ...}}``: a randomly initialised transformers model.
