@@ -51,7 +51,7 @@ def main() -> None:
     optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
     optimizer.step()
     after = trainer.compute_loss(student, {"input_ids": input_ids})
-    result = {"path": trainer.kd.path, "loss": loss.item(), "expected": expected.item(), "after": after.item()}
+    result = {"path": trainer.distill_loss.path, "loss": loss.item(), "expected": expected.item(), "after": after.item()}
     (out_dir / f"rank{trainer.args.process_index}.json").write_text(json.dumps(result))
 
 

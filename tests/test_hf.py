@@ -99,7 +99,7 @@ def test_kd_trainer_lowers_the_loss(make, loss_path, tmp_path):
                         loss_options={"temperature": 2.0, "hard_weight": 0.5, "soft_weight": 0.5},
                         loss_path=loss_path)
     trainer.train()
-    assert trainer.kd.path == expected_paths()[loss_path == "logits"]
+    assert trainer.distill_loss.path == expected_paths()[loss_path == "logits"]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 12 and {"kd", "hard"} <= logs[0].keys()
     assert sum(e["loss"] for e in logs[-3:]) < sum(e["loss"] for e in logs[:3])
@@ -137,7 +137,7 @@ def test_kd_trainer_loss_is_kd_loss_on_the_models_own_logits(architecture, tmp_p
     expected = kdfast.kd_loss(student(input_ids).logits[:, :-1], teacher_logits[:, :-1], labels=input_ids[:, 1:],
                               temperature=2.0, hard_weight=0.5, soft_weight=0.5)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
-    assert trainer.kd.path == ("logits" if architecture in TRANSFORMED else expected_paths()[0])
+    assert trainer.distill_loss.path == ("logits" if architecture in TRANSFORMED else expected_paths()[0])
 
 
 @pytest.mark.parametrize("architecture", TRANSFORMED)
@@ -169,7 +169,7 @@ def test_hf_models_train_in_the_kdfast_trainer(tmp_path):
     teacher, student = gpt2(32, 2), llama(16, 1)  # any pair of architectures with one vocabulary
     data = TokenWindows(markov_tokens(3000, seed=1), 16, seed=1)
     config = TrainConfig(out_dir=str(tmp_path), steps=4, batch_size=4, eval_windows=8, progress=False)
-    summary = DistillTrainer(student, data, config, teacher=teacher, eval_data=data, loss=KD).train()
+    summary = DistillTrainer(student, data, config, teacher=teacher, eval_data=data, loss_options=KD).train()
     assert summary["loss_path"] == expected_paths()[0]
     assert 0 <= summary["eval"]["agreement"] <= 1
 

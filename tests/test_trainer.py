@@ -83,7 +83,7 @@ def test_distillation_lowers_the_loss_and_logs(tmp_path):
     teacher, student = make_pair(seed=0)
     DistillTrainer(teacher, windows(), config(tmp_path, "teacher", steps=30, lr=1e-2)).train()
     summary = DistillTrainer(student, windows(), config(tmp_path, steps=12, eval_every=4), teacher=teacher,
-                             eval_data=windows(seed=2), loss=KD).train()
+                             eval_data=windows(seed=2), loss_options=KD).train()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
@@ -105,8 +105,8 @@ def test_fused_linear_and_logits_paths_train_alike(tmp_path):
     results = {}
     for path in ("fused_linear", "logits"):
         teacher, student = make_pair(seed=0)
-        trainer = DistillTrainer(student, windows(), config(tmp_path, path, loss_path=path), teacher=teacher, loss=KD)
-        assert trainer.loss.path == path
+        trainer = DistillTrainer(student, windows(), config(tmp_path, path, loss_path=path), teacher=teacher, loss_options=KD)
+        assert trainer.distill_loss.path == path
         trainer.train()
         results[path] = student.state_dict()
     assert weights_equal(results["fused_linear"], results["logits"], atol=1e-5)
@@ -117,7 +117,7 @@ def test_gradient_accumulation_matches_a_larger_batch(tmp_path):
     for batch_size, accum in ((8, 1), (4, 2)):
         teacher, student = make_pair(seed=0)
         DistillTrainer(student, windows(), config(tmp_path, f"b{batch_size}", batch_size=batch_size,
-                                                  grad_accum=accum), teacher=teacher, loss=KD).train()
+                                                  grad_accum=accum), teacher=teacher, loss_options=KD).train()
         states.append(student.state_dict())
     assert weights_equal(*states, atol=1e-5)
 
@@ -132,8 +132,8 @@ def test_a_plain_module_returning_logits_is_distilled_from_its_logits(tmp_path):
             return self.table(input_ids)
 
     teacher, _ = make_pair(seed=0)
-    trainer = DistillTrainer(Bigram(), windows(), config(tmp_path), teacher=teacher, loss=KD)
-    assert trainer.loss.path == "logits"
+    trainer = DistillTrainer(Bigram(), windows(), config(tmp_path), teacher=teacher, loss_options=KD)
+    assert trainer.distill_loss.path == "logits"
     assert trainer.train()["steps"] == 6
     with pytest.raises(ValueError, match="fused_linear.*cannot be used"):
         choose_loss_path(Bigram(), teacher, KD, "fused_linear")
@@ -195,29 +195,29 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_weights(tmp_path):
 
 def test_resume_refuses_other_settings_and_fresh_runs_refuse_old_checkpoints(tmp_path):
     teacher, student = make_pair(seed=0)
-    DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss=KD).train()
+    DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss_options=KD).train()
     with pytest.raises(ValueError, match="other settings") as refused:
-        DistillTrainer(student, windows(), config(tmp_path, lr=1e-2, steps=8), teacher=teacher, loss=KD).train()
+        DistillTrainer(student, windows(), config(tmp_path, lr=1e-2, steps=8), teacher=teacher, loss_options=KD).train()
     differences = str(refused.value).split("(then -> now):\n")[1].splitlines()[:-1]
     assert differences == ["  train.steps: 6 -> 8", "  train.lr: 0.003 -> 0.01"]
     with pytest.raises(FileExistsError, match="earlier run"):
-        DistillTrainer(student, windows(), config(tmp_path, resume=False), teacher=teacher, loss=KD).train()
+        DistillTrainer(student, windows(), config(tmp_path, resume=False), teacher=teacher, loss_options=KD).train()
     # the same settings resume: nothing left to train, the same weights
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    assert DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss=KD).train()["steps"] == 6
+    assert DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss_options=KD).train()["steps"] == 6
     assert weights_equal(before, student.state_dict())
 
 
 def test_resume_falls_back_past_a_corrupt_checkpoint(tmp_path):
     teacher, student = make_pair(seed=0)
     cfg = config(tmp_path, checkpoint_every=2, keep_last=3)
-    DistillTrainer(student, windows(), cfg, teacher=teacher, loss=KD).train()
+    DistillTrainer(student, windows(), cfg, teacher=teacher, loss_options=KD).train()
     reference = {k: v.clone() for k, v in student.state_dict().items()}
     newest = tmp_path / "run" / "checkpoints" / "step-00000006" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:100])
     _, fresh = make_pair(seed=0)
     with pytest.warns(UserWarning, match="corrupt"):
-        DistillTrainer(fresh, windows(), cfg, teacher=teacher, loss=KD).train()  # redoes steps 5 and 6
+        DistillTrainer(fresh, windows(), cfg, teacher=teacher, loss_options=KD).train()  # redoes steps 5 and 6
     assert weights_equal(reference, fresh.state_dict())
 
 
@@ -225,12 +225,12 @@ def test_tensorboard_events_match_the_metrics_log_after_a_resume(tmp_path):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     teacher, student = make_pair(seed=0)
     cfg = config(tmp_path, checkpoint_every=2, keep_last=3, log_every=1, tensorboard=True)
-    DistillTrainer(student, windows(), cfg, teacher=teacher, loss=KD).train()
+    DistillTrainer(student, windows(), cfg, teacher=teacher, loss_options=KD).train()
     newest = tmp_path / "run" / "checkpoints" / "step-00000006" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:100])
     _, fresh = make_pair(seed=0)
     with pytest.warns(UserWarning, match="corrupt"):
-        DistillTrainer(fresh, windows(), cfg, teacher=teacher, loss=KD).train()  # steps 5 and 6 are logged again
+        DistillTrainer(fresh, windows(), cfg, teacher=teacher, loss_options=KD).train()  # steps 5 and 6 are logged again
     events = event_accumulator.EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
     logged = [(e.step, e.value) for e in events.Scalars("train/loss")]
@@ -261,9 +261,9 @@ def test_mismatched_vocabularies_fail_early_unless_vocab_size_is_given(tmp_path)
     teacher, student = make_pair(seed=0, vocab=VOCAB + 16, student_vocab=VOCAB)
     expected = f"the student's output has V={VOCAB}, the teacher's output has V={VOCAB + 16}.*vocab_size={VOCAB}"
     with pytest.raises(ValueError, match=expected):
-        DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss=KD)
+        DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss_options=KD)
     padded = LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5, vocab_size=VOCAB)
-    assert DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss=padded).train()["steps"] == 6
+    assert DistillTrainer(student, windows(), config(tmp_path), teacher=teacher, loss_options=padded).train()["steps"] == 6
 
 
 def test_an_unwritable_output_directory_is_named(tmp_path):
@@ -287,6 +287,6 @@ def test_teacher_in_bf16_under_bf16_autocast(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the kernels may fall back for mixed dtypes on CPU
         summary = DistillTrainer(student, windows(), config(tmp_path, precision="bf16", teacher_dtype="bf16"),
-                                 teacher=teacher, eval_data=windows(seed=2), loss=KD).train()
+                                 teacher=teacher, eval_data=windows(seed=2), loss_options=KD).train()
     assert next(teacher.parameters()).dtype == torch.bfloat16
     assert math.isfinite(summary["eval"]["loss"])

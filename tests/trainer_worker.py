@@ -38,7 +38,8 @@ def main() -> None:
     config = TrainConfig(out_dir=args.out_dir, steps=STEPS, batch_size=args.batch_size, lr=3e-3, warmup_steps=2,
                          checkpoint_every=2, keep_last=2, log_every=1, progress=False)
     trainer = DistillTrainer(student, TokenWindows(markov_tokens(4000, seed=1), 16, seed=3), config,
-                             teacher=teacher, loss=LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5))
+                             teacher=teacher,
+                             loss_options=LossOptions(temperature=2.0, hard_weight=0.5, soft_weight=0.5))
     if args.hang_at:
         save = trainer.save
 

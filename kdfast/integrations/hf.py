@@ -42,7 +42,7 @@ class KDTrainer(transformers.Trainer):
         loss_options: a :class:`kdfast.LossOptions` or a dict of its fields.
         loss_path: "auto", "fused_linear" or "logits" (see kdfast.train.lm).
 
-    ``trainer.kd``, the loss (``trainer.kd.path`` the path taken), is set at the first step.
+    ``trainer.distill_loss``, the loss (``trainer.distill_loss.path`` the path taken), is set at the first step.
     """
 
     # compute_loss returns a mean over the micro-batch: Trainer divides it by the accumulation steps.
@@ -60,21 +60,21 @@ class KDTrainer(transformers.Trainer):
         self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
         # Chosen in compute_loss, on the model the Trainer passes there: it wraps (and FSDP shards) the model
         # given here only later, and a sharded output embedding rules out the fused path.
-        self.kd: Optional[LMDistillLoss] = None
-        self._kd_model = None  # the model self.kd was chosen for
+        self.distill_loss: Optional[LMDistillLoss] = None
+        self._distill_loss_model = None  # the model self.distill_loss was chosen for
         self._part_sums, self._part_count = None, 0  # kd and hard, summed on the device between logs
 
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch: Optional[int] = None):
-        if model is not self._kd_model:
+        if model is not self._distill_loss_model:
             path = choose_loss_path(model, self.teacher_model, self.loss_options, self.loss_path)
-            self.kd, self._kd_model = LMDistillLoss(self.loss_options, path), model
+            self.distill_loss, self._distill_loss_model = LMDistillLoss(self.loss_options, path), model
         ignore = self.loss_options.ignore_index
         input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
         labels = inputs.get("labels")
         if labels is None:
             labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, ignore)
         targets = F.pad(labels[..., 1:], (0, 1), value=ignore)  # position t predicts token t + 1
-        parts = self.kd(model, self.teacher_model, input_ids, targets, attention_mask)
+        parts = self.distill_loss(model, self.teacher_model, input_ids, targets, attention_mask)
         if model.training:
             both = torch.stack([parts.kd, parts.hard]).float()
             self._part_sums = both if self._part_sums is None else self._part_sums + both

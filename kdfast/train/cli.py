@@ -79,12 +79,12 @@ def distill(config: dict) -> dict:
     """Distils config's teacher into its student; returns the training summary."""
     check_keys(config, ("data", "teacher", "student", "train", "loss"), "the config")
     train_cfg = build(TrainConfig, section(config, "train"), "train")
-    loss = build(LossOptions, section(config, "loss"), "loss")
+    loss_options = build(LossOptions, section(config, "loss"), "loss")
     train, held_out, vocab = _load_data(section(config, "data", required=True), train_cfg.seed)
     teacher = build_model(section(config, "teacher", required=True), "teacher", vocab)
     torch.manual_seed(train_cfg.seed)
     student = build_model(section(config, "student", required=True), "student", vocab)
-    trainer = DistillTrainer(student, train, train_cfg, teacher=teacher, eval_data=held_out, loss=loss)
+    trainer = DistillTrainer(student, train, train_cfg, teacher=teacher, eval_data=held_out, loss_options=loss_options)
     summary = trainer.train()
     if trainer.rank == 0:
         out = Path(train_cfg.out_dir)

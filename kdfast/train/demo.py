@@ -58,7 +58,7 @@ class Demo:
         self.data_cfg = section(config, "data")
         check_keys(self.data_cfg, ("eval_fraction", "context"), "data")
         self.context = int(self.data_cfg.get("context", 128))
-        self.loss = build(LossOptions, section(config, "loss"), "loss")
+        self.loss_options = build(LossOptions, section(config, "loss"), "loss")
         self.eval_cfg = section(config, "eval")
         check_keys(self.eval_cfg, ("windows", "batch_size"), "eval")
         self.timings: dict[str, float] = {}
@@ -124,7 +124,7 @@ class Demo:
              f"{config.steps} steps) in {out_dir}")
         started = time.perf_counter()
         summary = DistillTrainer(model, self.windows(self.train_tokens), config, teacher=teacher,
-                                 eval_data=self.windows(self.eval_tokens), loss=self.loss).train()
+                                 eval_data=self.windows(self.eval_tokens), loss_options=self.loss_options).train()
         self.timings[name] = time.perf_counter() - started
         return model, summary
 
@@ -162,7 +162,7 @@ class Demo:
                                                          int(self.eval_cfg.get("batch_size", 32)))
         precision = PRECISIONS[self._train_config("student", self.out).precision]
         final = evaluate_models(students, teacher, ((x.to(self.device), y.to(self.device)) for x, y in held_out),
-                                self.loss, precision)
+                                self.loss_options, precision)
         self.timings["final_eval"] = time.perf_counter() - eval_started
         self.timings["total"] = time.perf_counter() - started
         params = {"teacher": teacher, **students}

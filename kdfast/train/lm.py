@@ -241,10 +241,10 @@ class LMDistillLoss:
     it is set; the loss itself is computed by kdfast in its own precision.
     """
 
-    def __init__(self, options: LossOptions, path: str = "logits", autocast_dtype: Optional[torch.dtype] = None):
+    def __init__(self, loss_options: LossOptions, path: str = "logits", autocast_dtype: Optional[torch.dtype] = None):
         if path not in ("fused_linear", "logits"):
             raise ValueError(f"path must be 'fused_linear' or 'logits', got {path!r}")
-        self.options = options
+        self.loss_options = loss_options
         self.path = path
         self.autocast_dtype = autocast_dtype
 
@@ -260,16 +260,16 @@ class LMDistillLoss:
         if teacher is None:
             logits = logits_of(student_out)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
-                                   ignore_index=self.options.ignore_index)
+                                   ignore_index=self.loss_options.ignore_index)
             return KDLossParts(loss, torch.zeros_like(loss.detach()), loss.detach())
         if fused:
             s_head, t_head = output_head(student), output_head(teacher)
             return kdfast.fused_linear_kd_loss(
                 student_out.hidden_states[-1], s_head.weight, teacher_out.hidden_states[-1], t_head.weight,
                 student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
-                labels=targets, return_parts=True, **self.options.as_kwargs())
+                labels=targets, return_parts=True, **self.loss_options.as_kwargs())
         return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets, return_parts=True,
-                              **self.options.as_kwargs())
+                              **self.loss_options.as_kwargs())
 
 
 def _eval_sums(logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor, options: LossOptions) -> Tensor:

@@ -8,7 +8,7 @@ output embedding is applied to), and ``get_output_embeddings()`` returns that ``
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -36,9 +36,6 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be a multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class LMOutput(NamedTuple):
@@ -110,6 +107,3 @@ class GPT(nn.Module):
         hidden[-1] = x  # as in Hugging Face models: the last hidden state is the normed one
         logits = self.lm_head(x[..., -logits_to_keep:, :] if logits_to_keep else x)
         return LMOutput(logits, tuple(hidden) if output_hidden_states else None)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())

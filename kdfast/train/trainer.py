@@ -121,13 +121,13 @@ def setting_differences(then: dict, now: dict, prefix: str = "") -> list[str]:
 class DistillTrainer:
     """Trains ``student`` to match ``teacher`` on ``train_data`` (or on hard labels alone when teacher is None).
 
-    ``loss`` holds the kd_loss options (temperature, divergence, hard/soft weights, ...).
+    ``loss_options`` holds the kd_loss options (temperature, divergence, hard/soft weights, ...).
     Models are moved to the configured device; the teacher is frozen in eval mode.
     """
 
     def __init__(self, student: nn.Module, train_data: TokenWindows, config: TrainConfig,
                  teacher: Optional[nn.Module] = None, eval_data: Optional[TokenWindows] = None,
-                 loss: Optional[LossOptions] = None):
+                 loss_options: Optional[LossOptions] = None):
         for role, model in (("student", student), ("teacher", teacher)):
             if model is not None and is_sharded(model):
                 raise ValueError(f"the {role} is sharded with FSDP, which DistillTrainer does not do (it replicates "
@@ -140,15 +140,15 @@ class DistillTrainer:
         self.out_dir = Path(config.out_dir)
         if self.rank == 0:
             ensure_writable_dir(self.out_dir)
-        loss = loss or LossOptions()
-        self.train_data, self.eval_data, self.options = train_data, eval_data, loss
+        loss_options = loss_options or LossOptions()
+        self.train_data, self.eval_data, self.loss_options = train_data, eval_data, loss_options
         self.student = student.to(self.device)
         self.teacher = None
         if teacher is not None:
             teacher = teacher.to(self.device, dtype=TEACHER_DTYPES[config.teacher_dtype])
             self.teacher = teacher.eval().requires_grad_(False)
-        path = choose_loss_path(self.student, self.teacher, loss, config.loss_path) if teacher is not None else "logits"
-        self.loss = LMDistillLoss(loss, path, PRECISIONS[config.precision])
+        path = choose_loss_path(self.student, self.teacher, loss_options, config.loss_path) if teacher is not None else "logits"
+        self.distill_loss = LMDistillLoss(loss_options, path, PRECISIONS[config.precision])
         self.model = self.student
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -163,7 +163,7 @@ class DistillTrainer:
         self.step = 0
         self.saved_step = None  # the step of the newest checkpoint written or resumed from
         self.train_seconds = 0.0  # time in training steps, summed over resumed segments
-        self.run_settings = {"train": config.run_settings(), "loss": asdict(loss), "world_size": self.world,
+        self.run_settings = {"train": config.run_settings(), "loss": asdict(loss_options), "world_size": self.world,
                              "teacher": teacher is not None, "loss_path": path}
 
     @property
@@ -242,7 +242,7 @@ class DistillTrainer:
             # DDP averages gradients across processes only on the last micro-step
             sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
             with sync:
-                parts = self.loss(self.model, self.teacher, inputs, targets)
+                parts = self.distill_loss(self.model, self.teacher, inputs, targets)
                 (parts.loss / cfg.grad_accum).backward()
             parts_sum += torch.stack([parts.loss.detach(), parts.kd, parts.hard]).float() / cfg.grad_accum
         grad_norm = None
@@ -266,7 +266,7 @@ class DistillTrainer:
             return {}
         batches = ((x.to(self.device), y.to(self.device)) for x, y in
                    self.eval_data.spread(self.cfg.eval_windows, self.cfg.eval_batch_size, self.rank, self.world))
-        results = evaluate_models({"student": self.student}, self.teacher, batches, self.options,
+        results = evaluate_models({"student": self.student}, self.teacher, batches, self.loss_options,
                                   PRECISIONS[self.cfg.precision], dist.all_reduce if self.world > 1 else None)
         metrics = results["student"]
         if "teacher" in results:
@@ -317,7 +317,7 @@ class DistillTrainer:
         final = self.evaluate()
         summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step, "train_seconds": self.train_seconds,
                    "tokens_per_s": self.step * self.tokens_per_step / max(self.train_seconds, 1e-9),
-                   "world_size": self.world, "loss_path": self.loss.path, "eval": final, **peak_memory(self.device)}
+                   "world_size": self.world, "loss_path": self.distill_loss.path, "eval": final, **peak_memory(self.device)}
         if log is not None:
             if final:
                 log.write(self.step, "eval", final)
