@@ -8,6 +8,7 @@ temporaries instead of several N x V float32 tensors.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -31,6 +32,51 @@ def _weighted_sum(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (weight * values).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
 
 
+class JsdWeights(NamedTuple):
+    """The jsd mixture m = beta p_t + (1 - beta) p_s seen from its lighter side A (the teacher when
+    beta <= 0.5, else the student) and its heavier side B, in double precision: at beta = 1 - 1e-6,
+    1 - beta formed from a float32 beta is 1.3 % off."""
+
+    teacher_is_a: bool
+    w_small: float  # A's weight, <= 0.5
+    log_w_small: float
+    c: float  # log(w_big / w_small) >= 0: past it, A's term dominates m
+    split: float  # max(c, 1): where jsd_log_ratios changes formula
+    teacher: float  # beta
+    student: float  # 1 - beta
+
+
+def jsd_weights(beta: float) -> JsdWeights:
+    teacher_is_a = beta <= 0.5
+    w_small = beta if teacher_is_a else 1.0 - beta  # exact in double for beta > 0.5
+    c = math.log1p(-w_small) - math.log(w_small)
+    return JsdWeights(teacher_is_a, w_small, math.log(w_small), c, max(c, 1.0), beta,
+                      1.0 - beta if teacher_is_a else w_small)
+
+
+# Below it, expm1 cannot overflow (in float32 either); above it, where w_small < e^-64,
+# w_small * expm1(delta) = exp(delta + log w_small) - w_small without cancellation.
+JSD_EXPM1_LIMIT = 64.0
+
+
+def jsd_log_ratios(log_pt: torch.Tensor, log_ps: torch.Tensor, w: JsdWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log m - log p_t, log m - log p_s) without the cancellation of log m - log p in floating point.
+
+    With delta = log p_A - log p_B: up to w.split (B dominates m, or delta <= 1),
+    log m - log p_B = log1p(w_small expm1(delta)), whose argument is >= -w_small >= -0.5; beyond it,
+    log m - log p_A = log(w_small) + log1p(exp(c - delta)), exp of a number < 0. The other side's
+    ratio differs by delta. Entries where both sides are -inf give NaN (their weights are 0)."""
+    log_pa, log_pb = (log_pt, log_ps) if w.teacher_is_a else (log_ps, log_pt)
+    delta = log_pa - log_pb
+    near_b = delta <= w.split
+    shifted = torch.where(delta > JSD_EXPM1_LIMIT, (delta + w.log_w_small).exp() - w.w_small,
+                          torch.expm1(delta) * w.w_small)
+    log1p = torch.where(near_b, shifted, (w.c - delta).exp()).log1p_()
+    ratio_a = torch.where(near_b, log1p - delta, log1p + w.log_w_small)
+    ratio_b = torch.where(near_b, log1p, ratio_a + delta)
+    return (ratio_a, ratio_b) if w.teacher_is_a else (ratio_b, ratio_a)
+
+
 def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     """Row losses (and the weighted gradient) of a (rows, V) chunk already in the compute dtype."""
     inv_temp = 1.0 / params.temperature
@@ -48,24 +94,29 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
         d_kd = torch.where(ps > 0, ps * log_ratio.sub_(kd[:, None]), 0.0) if want_grad else None
     else:
         assert params.divergence == JSD and 0.0 < params.beta < 1.0
-        beta = params.beta
-        log_mix = torch.logaddexp(log_pt + math.log(beta), log_ps + math.log1p(-beta))
-        student_vs_mix = log_ps - log_mix
-        kl_student_mix = _weighted_sum(ps, student_vs_mix)
-        kd = beta * _weighted_sum(pt, log_pt.sub_(log_mix)) + (1.0 - beta) * kl_student_mix
+        weights = jsd_weights(params.beta)
+        teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, weights)  # log m - log p, each side
+        kl_student_mix = -_weighted_sum(ps, student_vs_mix)
+        kd = -weights.teacher * _weighted_sum(pt, teacher_vs_mix) + weights.student * kl_student_mix
         d_kd = None
         if want_grad:
-            d_kd = torch.where(ps > 0, ps * student_vs_mix.sub_(kl_student_mix[:, None]), 0.0).mul_(1.0 - beta)
+            # log p_s - log m = -student_vs_mix
+            d_kd = torch.where(ps > 0, ps * student_vs_mix.neg_().sub_(kl_student_mix[:, None]), 0.0)
+            d_kd.mul_(weights.student)
 
     # NaN, +inf, or an all -inf row: the softmax is undefined, so the row loss is NaN.
     undefined = ~(torch.isfinite(max_s[:, 0]) & torch.isfinite(max_t[:, 0]))
     ignored = torch.zeros_like(undefined) if labels is None else labels == params.ignore_index
+    if labels is not None:
+        # Labels decide which rows count even without the hard term; on a GPU they are not
+        # checked on the host (that would sync), so a label out of range makes its row NaN.
+        in_range = (labels >= 0) & (labels < s.shape[-1])
+        undefined |= ~(in_range | ignored)
     kd = torch.where(ignored, 0.0, torch.where(undefined, torch.nan, kd))
 
     ce = torch.zeros_like(kd)
     d_ce = None
     if params.hard:
-        in_range = (labels >= 0) & (labels < s.shape[-1])
         index = torch.where(in_range, labels, 0)[:, None]
         log_p1 = torch.log_softmax(s, dim=-1)
         ce = torch.where(in_range & ~undefined, -log_p1.gather(-1, index)[:, 0], torch.nan)
@@ -75,11 +126,11 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
 
     grad = None
     if want_grad:
-        # Per-row factors: NaN for undefined rows and out-of-range labels.
+        # Per-row factors: NaN for undefined rows, out-of-range labels among them.
         kd_scale = torch.where(undefined, torch.nan, coefs[0] * inv_temp)
         grad = d_kd.mul_(kd_scale[:, None])
         if d_ce is not None:
-            grad.add_(d_ce.mul_(torch.where(in_range, coefs[1], torch.nan)[:, None]))
+            grad.add_(d_ce.mul_(coefs[1]))
         grad[ignored] = 0.0  # ignored rows get no gradient, whatever their logits hold
     return kd, ce, grad
 
@@ -122,11 +173,10 @@ def _sparse_terms(log_pc: torch.Tensor, log_qc: torch.Tensor, valid: torch.Tenso
         h = torch.where(pc > 0, pc * (log_pc - log_qc), 0.0)
         kd = h.sum(-1)
     else:
-        beta = params.beta
-        log_mix = torch.logaddexp(log_qc + math.log(beta), log_pc + math.log1p(-beta))
-        p_vs_mix = torch.where(pc > 0, pc * (log_pc - log_mix), 0.0)
-        kd = beta * _weighted_sum(qc, log_qc - log_mix) + (1.0 - beta) * p_vs_mix.sum(-1)
-        h = (1.0 - beta) * p_vs_mix
+        weights = jsd_weights(params.beta)
+        q_vs_mix, p_vs_mix = jsd_log_ratios(log_qc, log_pc, weights)  # log m - log q, log m - log p
+        h = torch.where(pc > 0, pc * p_vs_mix, 0.0).mul_(-weights.student)
+        kd = -weights.teacher * _weighted_sum(qc, q_vs_mix) + h.sum(-1)
     return kd, h
 
 
