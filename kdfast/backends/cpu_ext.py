@@ -1,4 +1,6 @@
-"""The fused C++ CPU kernel (csrc/kd_cpu.cpp), JIT-built with torch's cpp_extension on first use."""
+"""The fused C++ CPU kernels, JIT-built with torch's cpp_extension on first use: the dense loss
+(csrc/kd_cpu.cpp) and the sparse-teacher loss (csrc/kd_sparse_cpu.cpp), each its own extension,
+so that a failed build of the sparse one leaves the dense loss working (``kernel_unavailable_reason``)."""
 
 from __future__ import annotations
 
@@ -7,26 +9,45 @@ import functools
 import torch
 
 from .._build import build_failure, cpu_capability_flags, load_extension
-from . import KernelParams
+from . import KernelParams, SparseKernelParams
 
 DEVICE_TYPES = ("cpu",)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.cache
-def _extension():
+def _build(name: str, source: str):
     variant, isa_flags = cpu_capability_flags()
-    return load_extension(f"_kd_cpu_{variant}", ["kd_cpu.cpp"], headers=["kd_binding_checks.h"],
+    return load_extension(f"{name}_{variant}", [source], headers=["kd_binding_checks.h"],
                           cflags=["-O3", "-fopenmp", *isa_flags], ldflags=["-fopenmp"])
 
 
 @functools.cache
-def unavailable_reason() -> str | None:
+def _extension():
+    return _build("_kd_cpu", "kd_cpu.cpp")
+
+
+@functools.cache
+def _sparse_extension():
+    return _build("_kd_sparse_cpu", "kd_sparse_cpu.cpp")
+
+
+def _failure(build, what: str) -> str | None:
     try:
-        _extension()
+        build()
     except Exception as exc:  # a missing compiler shows up as many different exception types
-        return build_failure("C++ extension", exc)
+        return build_failure(what, exc)
     return None
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    return _failure(_extension, "C++ extension")
+
+
+@functools.cache
+def kernel_unavailable_reason(kernel: str) -> str | None:
+    """Why ``kernel`` cannot run though the backend can (the sparse kernel's extension is built on its first use)."""
+    return _failure(_sparse_extension, "sparse-teacher C++ extension") if kernel == "sparse_kd_forward" else None
 
 
 def gradient_buffer(student):
@@ -41,3 +62,7 @@ def empty_cache() -> None:
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
     return _extension().kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
                                    params.beta, params.ignore_index, params.hard)
+
+
+def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params: SparseKernelParams):
+    return _sparse_extension().sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, *params)

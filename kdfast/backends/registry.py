@@ -49,6 +49,17 @@ def unavailable_reason(name: str) -> str | None:
     return module.unavailable_reason()
 
 
+def kernel_unavailable_reason(name: str, kernel: str) -> str | None:
+    """Why backend ``name``, available, cannot run ``kernel`` here (None when it can): it has no such
+    kernel, or it builds that kernel separately (its optional ``kernel_unavailable_reason``) and the
+    build failed."""
+    module = backend_module(name)
+    if not hasattr(module, kernel):
+        return f"backend={name!r} has no {kernel} kernel"
+    check = getattr(module, "kernel_unavailable_reason", None)
+    return None if check is None else check(kernel)
+
+
 def _device_types(name: str) -> tuple[str, ...] | None:
     types = backend_module(name).DEVICE_TYPES
     # Triton's interpreter runs its kernels on CPU tensors (used by the CPU test-suite).
@@ -90,13 +101,14 @@ def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...], kernel: str) ->
     candidates = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
     for name in candidates:
         if unavailable_reason(name) is None and all(d in backend_module(name).DTYPES for d in dtypes) \
-                and hasattr(backend_module(name), kernel):
+                and kernel_unavailable_reason(name, kernel) is None:
             return name
-    if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback \
-            and unavailable_reason("cpu") is not None:
-        _warned_fallback = True
-        warnings.warn(f"kdfast: the fused CPU kernel is unavailable ({unavailable_reason('cpu')}); "
-                      "using the slower pure-PyTorch backend", RuntimeWarning, stacklevel=4)
+    if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback:
+        reason = unavailable_reason("cpu") or kernel_unavailable_reason("cpu", kernel)
+        if reason is not None:
+            _warned_fallback = True
+            warnings.warn(f"kdfast: the fused CPU kernel is unavailable ({reason}); "
+                          "using the slower pure-PyTorch backend", RuntimeWarning, stacklevel=4)
     return "torch"
 
 
@@ -113,6 +125,9 @@ def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dt
     module = backend_module(requested)
     if not hasattr(module, kernel):
         raise ValueError(f"backend={requested!r} has no {kernel} kernel; use backend='auto'")
+    reason = kernel_unavailable_reason(requested, kernel)
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run {kernel}: {reason}")
     types = _device_types(requested)
     if types is not None and device.type not in types:
         raise ValueError(f"backend={requested!r} runs on {' or '.join(types)} tensors, but the logits are on "
