@@ -18,12 +18,14 @@
 
 #include "kd_binding_checks.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 namespace {
 
@@ -36,10 +38,30 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
+// The jsd mixture m = beta p_t + (1 - beta) p_s seen from its lighter side A (the teacher when
+// beta <= 0.5, else the student) and its heavier side B. Formed in double from the double beta:
+// at beta = 1 - 1e-6, 1 - beta formed from a float beta is 1.3 % off.
+struct JsdWeights {
+  bool teacher_is_a;
+  float w_small;  // A's weight, <= 0.5
+  float log_w_small;
+  float c;                  // log(w_big / w_small) >= 0: past it, A's term dominates m
+  float split;              // max(c, 1): where jsd_log_ratios changes formula
+  double teacher, student;  // beta and 1 - beta
+};
+
+JsdWeights jsd_weights(double beta) {
+  const bool teacher_is_a = beta <= 0.5;
+  const double w_small = teacher_is_a ? beta : 1.0 - beta;  // exact for beta > 0.5
+  const double c = std::log1p(-w_small) - std::log(w_small);
+  return {teacher_is_a, static_cast<float>(w_small), static_cast<float>(std::log(w_small)), static_cast<float>(c),
+          static_cast<float>(std::max(c, 1.0)), beta, teacher_is_a ? 1.0 - beta : w_small};
+}
+
 struct LossParams {
   float temperature;
   float inv_temperature;
-  float beta;
+  JsdWeights jsd;
   int64_t ignore_index;
   int64_t vocab;
   int64_t vocab_padded;  // vocab rounded up to whole blocks
@@ -177,8 +199,10 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
       const double da_s = (static_cast<double>(new_s) - st.shift_s) * p.inv_temperature;
       const double da_t = (static_cast<double>(new_t) - st.shift_t) * p.inv_temperature;
       const double f_s = st.seen_s ? std::exp(-da_s) : 0.0, f_t = st.seen_t ? std::exp(-da_t) : 0.0;
-      if constexpr (DIV == kForwardKL) st.w = f_t * (st.w - st.zt * (da_t - da_s));
-      if constexpr (DIV == kReverseKL) st.w = f_s * (st.w - st.zs * (da_s - da_t));
+      // A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
+      // where the other had mass): 0 * inf would make the row NaN.
+      if constexpr (DIV == kForwardKL) st.w = f_t > 0 ? f_t * (st.w - st.zt * (da_t - da_s)) : 0.0;
+      if constexpr (DIV == kReverseKL) st.w = f_s > 0 ? f_s * (st.w - st.zs * (da_s - da_t)) : 0.0;
       if constexpr (HARD) st.z1 *= st.seen_s ? std::exp(static_cast<double>(st.shift_s) - new_s) : 0.0;
       st.zs *= f_s;
       st.zt *= f_t;
@@ -224,10 +248,30 @@ inline Vec block_scale(const float* ref, int64_t blk, float shift, double z, flo
   return Vec(static_cast<float>(std::exp((static_cast<double>(ref[blk]) - shift) * inv_temperature) / z));
 }
 
+// Below it, expm1 cannot overflow; above it, where w_small < e^-64, w_small * expm1(delta)
+// = exp(delta + log w_small) - w_small without cancellation.
+constexpr float kJsdExpm1Limit = 64.f;
+
+// (log m - log p_t, log m - log p_s) without the cancellation of log m - log p in fp32.
+// With delta = log p_A - log p_B: up to w.split (B dominates m, or delta <= 1),
+// log m - log p_B = log1p(w_small expm1(delta)), whose argument is >= -w_small >= -0.5; beyond
+// it, log m - log p_A = log(w_small) + log1p(exp(c - delta)), exp of a number < 0. The other
+// side's ratio differs by delta. Entries where both sides are -inf give NaN (their weights are 0).
+inline std::pair<Vec, Vec> jsd_log_ratios(Vec log_pt, Vec log_ps, const JsdWeights& w) {
+  const Vec delta = w.teacher_is_a ? log_pt - log_ps : log_ps - log_pt;
+  const Vec w_small(w.w_small), log_w_small(w.log_w_small), near_b = delta <= Vec(w.split);
+  const Vec e = Vec::blendv(Vec(w.c) - delta, delta + log_w_small, near_b).exp();
+  const Vec shifted = Vec::blendv(w_small * delta.expm1(), e - w_small, delta > Vec(kJsdExpm1Limit));
+  const Vec log1p = Vec::blendv(e, shifted, near_b).log1p();
+  const Vec ratio_a = Vec::blendv(log1p + log_w_small, log1p - delta, near_b);
+  const Vec ratio_b = Vec::blendv(ratio_a + delta, log1p, near_b);
+  return w.teacher_is_a ? std::make_pair(ratio_a, ratio_b) : std::make_pair(ratio_b, ratio_a);
+}
+
 // Sweep 2, jsd only: the mixture m = beta p_t + (1 - beta) p_s needs both normalisers first.
-// log m is stored over xt, which the jsd gradient no longer needs.
+// log m - log p_s is stored over xt, which the jsd gradient no longer needs.
 void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
-  const Vec zero(0.f), beta(p.beta), one_minus_beta(1.f - p.beta), inv_temp(p.inv_temperature);
+  const Vec zero(0.f), inv_temp(p.inv_temperature);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
   double kl_t = 0, kl_s = 0;
   for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
@@ -238,19 +282,17 @@ void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
       const Vec ps = Vec::loadu(sc.es + i) * scale_s, pt = Vec::loadu(sc.et + i) * scale_t;
       const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
       const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp - log_zt;
-      const Vec mix = beta * pt + one_minus_beta * ps;
-      const Vec log_mix = mix.log();
-      log_mix.store(sc.xt + i);
-      // mix > 0 also drops entries whose mixture underflowed (their weight is < 1e-38).
-      const Vec live = mix > zero;
-      vt += Vec::blendv(zero, pt * (lpt - log_mix), live & (pt > zero));
-      vs += Vec::blendv(zero, ps * (lps - log_mix), live & (ps > zero));
+      const auto [teacher_vs_mix, student_vs_mix] = jsd_log_ratios(lpt, lps, p.jsd);
+      student_vs_mix.store(sc.xt + i);
+      // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
+      vt += Vec::blendv(zero, pt * teacher_vs_mix, pt > zero);
+      vs += Vec::blendv(zero, ps * student_vs_mix, ps > zero);
     }
-    kl_t += hsum(vt);
-    kl_s += hsum(vs);
+    kl_t -= hsum(vt);
+    kl_s -= hsum(vs);
   }
   st.kl_student_mix = static_cast<float>(kl_s);
-  st.kd = static_cast<float>(p.beta * kl_t + (1.0 - p.beta) * kl_s);
+  st.kd = static_cast<float>(p.jsd.teacher * kl_t + p.jsd.student * kl_s);
 }
 
 // Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype.
@@ -259,7 +301,7 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
   const Vec zero(0.f), inv_temp(p.inv_temperature), kd(st.kd), kl_s(st.kl_student_mix);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
   const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
-  const Vec coef_ce(p.coef_ce), one_minus_beta(1.f - p.beta);
+  const Vec coef_ce(p.coef_ce), student_weight(static_cast<float>(p.jsd.student));
   // Streaming stores bypass the cache: a win for a cold buffer, a loss over cached logits.
   const bool stream = !p.grad_in_cache && reinterpret_cast<uintptr_t>(grad) % (kLanes * sizeof(S)) == 0;
   for (int64_t b = 0, blk = 0; b < p.vocab; b += kBlock, ++blk) {
@@ -275,9 +317,9 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
         const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp - log_zt;
         d = Vec::blendv(zero, ps * (lps - lpt - kd), ps > zero);
       } else {
-        const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs, log_mix = Vec::loadu(sc.xt + i);
-        const Vec live = (ps > zero) & (log_mix > Vec(-kInf));
-        d = Vec::blendv(zero, one_minus_beta * ps * (lps - log_mix - kl_s), live);
+        // log p_s - log m = -(log m - log p_s), which jsd_terms stored over xt.
+        const Vec student_vs_mix = Vec::loadu(sc.xt + i);
+        d = Vec::blendv(zero, student_weight * ps * (zero - student_vs_mix - kl_s), ps > zero);
       }
       Vec g = d * coef_kd;
       if constexpr (HARD) {
@@ -327,7 +369,9 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
         continue;
       }
       RowStats st;
-      const bool label_ok = !HARD || (label >= 0 && label < p.vocab);
+      // Labels decide which rows count even without the hard term; one out of range makes
+      // its row NaN (the Python layer rejects them on CPU tensors, but a direct call may not).
+      const bool label_ok = !labels || (label >= 0 && label < p.vocab);
       if (!online_softmax<DIV, HARD>(s_rows.row(r), t_rows.row(r), sc, p, st) || !label_ok) {
         kd_out[r] = kNaN;
         ce_out[r] = HARD ? kNaN : 0.f;
@@ -433,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   LossParams p{};
   p.temperature = static_cast<float>(temperature);
   p.inv_temperature = static_cast<float>(1.0 / temperature);
-  p.beta = static_cast<float>(beta);
+  p.jsd = jsd_weights(beta);
   p.ignore_index = ignore_index;
   p.vocab = vocab;
   p.vocab_padded = (vocab + kBlock - 1) / kBlock * kBlock;
