@@ -127,6 +127,42 @@ def test_strided_student_and_int32_ids(gen, backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+def test_a_tiny_student_rest_keeps_its_precision(gen, backend, device):
+    """The ids hold all but ~1e-9 of the student's mass, where 1 - p_S in float32 is noise: the rest,
+    and the gradient of the rest's tokens (p_j / p_r times the teacher's rest), keep their precision."""
+    s, _ = make_logits(gen, (4, 700), torch.float32, device, scale=1.0)
+    ids = torch.stack([torch.randperm(700, generator=gen)[:8] for _ in range(4)]).to(device)
+    s = s.scatter(-1, ids, 25.0 + torch.rand(4, 8, generator=gen).to(device))
+    logprobs = torch.log(torch.full((4, 8), 0.9 / 8, device=device))  # the teacher's rest: 0.1
+    leaf = s.clone().requires_grad_()
+    loss = kdfast.sparse_kd_loss(leaf, ids, logprobs, backend=backend)
+    loss.backward()
+    ref_leaf = s.cpu().double().requires_grad_()
+    ref = sparse_kd_loss_reference(ref_leaf, ids.cpu(), logprobs.cpu())
+    ref.backward()
+    rest = torch.ones_like(ref_leaf, dtype=torch.bool).scatter(-1, ids.cpu(), False)
+    assert rel_err(loss, ref) < 2e-5
+    assert rel_err(leaf.grad.cpu()[rest], ref_leaf.grad[rest]) < 2e-5
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inplace_backward_gives_the_same_gradient(gen, backend, device, dtype):
+    s, _ = make_logits(gen, (3, 5, 300), dtype, device)
+    ids, logprobs = sparse_teacher(gen, s, 12, temperature=2.0, pad_fraction=0.1)
+    labels = make_labels(gen, (3, 5), 300, device)
+    grads = []
+    for inplace in (False, True):
+        leaf = s.detach().clone().requires_grad_()
+        logits = leaf * 1.0  # inplace_backward overwrites a non-leaf, as an lm_head's output is
+        loss = kdfast.sparse_kd_loss(logits, ids.to(device), logprobs.to(device), labels=labels, temperature=2.0,
+                                     hard_weight=0.3, inplace_backward=inplace, backend=backend)
+        loss.backward()
+        grads.append(leaf.grad)
+    assert torch.equal(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_student_rows_give_nan_and_ignored_rows_are_not_read(gen, backend, device):
     s, _ = make_logits(gen, (4, 64), torch.float32, device)
     ids, logprobs = sparse_teacher(gen, s, 8)
