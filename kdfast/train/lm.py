@@ -158,16 +158,18 @@ def _probe_ids(model: nn.Module, head: Optional[nn.Module]) -> Tensor:
     return allowed[picks].to(device)
 
 
-def _head_mismatch(out, head: nn.Module) -> Optional[str]:
+def _head_mismatch(model: nn.Module, out, head: nn.Module) -> Optional[str]:
     """Why the model's logits are not its output embedding applied to its last hidden state, or None if they are."""
     logits = logits_of(out)
     expected = F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None))
     if expected.shape != logits.shape:
         return (f"its logits (shape {tuple(logits.shape)}) are not its output embedding applied to its last hidden "
                 f"state (shape {tuple(expected.shape)})")
-    # relative to the largest logit, so that a scale changes the error as much as the logits; a few roundings
-    # of the coarser of the two dtypes (autocast may compute in bf16 what the model returns in fp32)
-    rtol = max(1e-4, 4 * torch.finfo(logits.dtype).eps, 4 * torch.finfo(expected.dtype).eps)
+    # Relative to the largest logit, so that a scale changes the error as much as the logits; a few roundings
+    # of the coarsest dtype involved. Autocast may compute in bf16 what a model returns in fp32: so does a
+    # model that accelerate prepared for mixed precision (it keeps the plain forward as _original_forward).
+    dtypes = [logits.dtype, expected.dtype] + ([torch.bfloat16] if hasattr(model, "_original_forward") else [])
+    rtol = max(1e-4, *(4 * torch.finfo(d).eps for d in dtypes))
     logits, expected = logits.float(), expected.float()
     spread = expected.amax() - expected.amin()
     if not torch.isfinite(spread) or spread == 0:
@@ -198,7 +200,7 @@ def _probe(model: nn.Module) -> tuple[int, Optional[str]]:
             out = inner(ids, output_hidden_states=True)
             if not getattr(out, "hidden_states", None):
                 return logits_of(out).shape[-1], "it returns no hidden_states when asked for them"
-            return logits_of(out).shape[-1], _head_mismatch(out, head)
+            return logits_of(out).shape[-1], _head_mismatch(inner, out, head)
         return logits_of(inner(ids)).shape[-1], reason
     finally:
         inner.train(was_training)
@@ -249,7 +251,7 @@ class LMDistillLoss:
         self.autocast_dtype = autocast_dtype
 
     def __call__(self, student: nn.Module, teacher: Optional[nn.Module], input_ids: Tensor, targets: Tensor,
-                 attention_mask: Optional[Tensor] = None) -> KDLossParts:
+                 attention_mask: Optional[Tensor] = None, num_items_in_batch=None) -> KDLossParts:
         fused = teacher is not None and self.path == "fused_linear"
         extra = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
         with autocast(input_ids.device, self.autocast_dtype):
@@ -267,8 +269,10 @@ class LMDistillLoss:
             return kdfast.fused_linear_kd_loss(
                 student_out.hidden_states[-1], s_head.weight, teacher_out.hidden_states[-1], t_head.weight,
                 student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
-                labels=targets, return_parts=True, **self.loss_options.as_kwargs())
-        return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets, return_parts=True,
+                labels=targets, num_items_in_batch=num_items_in_batch, return_parts=True,
+                **self.loss_options.as_kwargs())
+        return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets,
+                              num_items_in_batch=num_items_in_batch, return_parts=True,
                               **self.loss_options.as_kwargs())
 
 
