@@ -76,6 +76,62 @@ def test_extreme_spread(gen, backend, device, divergence, beta):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_maximum_jumping_far_after_a_minus_inf_entry(gen, backend, device, divergence, beta):
+    """A side -inf where the other has mass makes a block's weighted sum infinite; when a later
+    block raises the maximum by more than the exponent range, the sum's rescale factor underflows
+    to 0, and what was summed carries no weight: 0, not 0 * inf = NaN."""
+    s, t = make_logits(gen, (2, 8192), torch.float32, device)
+    s[:, 5] = -math.inf  # forward KL's sum e_t (a_t - a_s) is +inf
+    t[:, 6] = -math.inf  # reverse KL's sum e_s (a_s - a_t) is +inf
+    s[:, 4096:4160] += 1000.0  # in a later block, at any block size up to 4096
+    t[:, 4096:4160] += 1000.0
+    loss, ref, _, _ = run_and_compare(s, t, backend=backend, divergence=divergence, beta=beta, reduction="none")
+    assert torch.isfinite(loss).all() and (ref > 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("vocab", [2, 101])
+@pytest.mark.parametrize("beta", [1.5e-22, 1e-6, 1e-3, 0.5, 1 - 1e-3, 1 - 1e-6])
+def test_jsd_is_accurate_at_any_beta(gen, backend, device, vocab, beta):
+    """With beta (or 1 - beta) tiny, log m - log p of the heavier side is tiny: computed as a
+    difference of fp32 logarithms it would be all rounding error (the loss at beta = 1.5e-22,
+    V = 2 was 1e-8 instead of 4e-24)."""
+    s, t = make_logits(gen, (4, vocab), torch.float32, device)
+    leaf = s.clone().requires_grad_()
+    rows = kdfast.kd_loss(leaf, t, backend=backend, divergence="jsd", beta=beta, temperature=1.5, reduction="none")
+    rows.sum().backward()
+    s64 = s.double().cpu().requires_grad_()
+    ref = kd_loss_reference(s64, t.double().cpu(), divergence="jsd", beta=beta, temperature=1.5, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(rows.double().cpu(), ref.detach(), rtol=1e-4, atol=0.0)
+    assert rel_err(leaf.grad, s64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_out_of_range_labels_give_nan_rows_in_the_kernels(gen, backend, device, divergence, hard):
+    """The Python layer rejects such labels only for CPU tensors (a GPU check would sync); the
+    kernels themselves make those rows NaN, loss and gradient, even without the hard term."""
+    from kdfast.backends import DIVERGENCE_CODES, KernelParams
+    from kdfast.backends.registry import backend_module
+
+    vocab = 37
+    s, t = make_logits(gen, (1, 6, vocab), torch.float32, device)
+    labels = torch.tensor([3, -1, vocab, -100, 0, vocab - 1], device=device)
+    bad, ignored, good = [1, 2], [3], [0, 4, 5]
+    grad = torch.empty_like(s)
+    coefs = torch.tensor([0.7, 0.3 if hard else 0.0], device=device)
+    params = KernelParams(1.5, DIVERGENCE_CODES[divergence], 0.4, -100, hard)
+    kd, ce = backend_module(backend).kd_forward(s, t, labels, grad, coefs, params)
+    assert kd[bad].isnan().all() and torch.isfinite(kd[good]).all() and (kd[ignored] == 0).all()
+    assert ce[bad].isnan().all() if hard else (ce[bad] == 0).all()
+    assert torch.isfinite(ce[good]).all() and (ce[ignored] == 0).all()
+    assert grad[0, bad].isnan().all() and torch.isfinite(grad[0, good]).all() and (grad[0, ignored] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 def test_all_rows_ignored(gen, backend, device, reduction):
     s, t = make_logits(gen, (3, 50), torch.float32, device)

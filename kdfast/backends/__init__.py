@@ -15,7 +15,10 @@ A backend module exposes
     Returns the per-row divergence (not multiplied by T**2) and the per-row hard-label
     cross-entropy at T = 1 (zeros unless ``params.hard``), float32 (float64 for float64
     inputs), with 0 at rows whose label is ``ignore_index``. Rows whose logits contain
-    NaN or +inf, or are all -inf, give NaN.
+    NaN or +inf, or are all -inf, give NaN, and so do rows whose label is neither
+    ``ignore_index`` nor in [0, V), with or without ``params.hard`` (the loss, the
+    cross-entropy when hard, and the gradient row): labels decide which rows count, and on
+    a GPU they cannot be checked on the host without a sync.
 ``gradient_buffer(student) -> Tensor`` and ``empty_cache()`` (optional)
     a contiguous buffer of the student's shape and dtype for ``grad``, which the backend
     may recycle once no tensor refers to it, and the release of what it keeps; backends
@@ -29,6 +32,8 @@ The public API (kdfast.api) validates everything before a backend is called.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import NamedTuple
 
 import torch
@@ -48,6 +53,35 @@ class KernelParams(NamedTuple):
     beta: float
     ignore_index: int
     hard: bool  # compute the hard-label cross-entropy (and its gradient) too
+
+
+class JsdWeights(NamedTuple):
+    """The jsd mixture m = beta p_t + (1 - beta) p_s seen from its lighter side A (the teacher when
+    beta <= 0.5, else the student) and its heavier side B, in double precision: at beta = 1 - 1e-6,
+    1 - beta formed from a float32 beta is 1.3 % off."""
+
+    teacher_is_a: bool
+    w_small: float  # A's weight, <= 0.5
+    log_w_small: float
+    c: float  # log(w_big / w_small) >= 0: past it, A's term dominates m
+    split: float  # max(c, 1): where jsd_log_ratios changes formula
+    teacher: float  # beta
+    student: float  # 1 - beta
+
+
+def jsd_weights(beta: float) -> JsdWeights:
+    """The weights each backend's jsd_log_ratios takes, 0 < beta < 1."""
+    teacher_is_a = beta <= 0.5
+    w_small = beta if teacher_is_a else 1.0 - beta  # exact in double for beta > 0.5
+    c = math.log1p(-w_small) - math.log(w_small)
+    return JsdWeights(teacher_is_a, w_small, math.log(w_small), c, max(c, 1.0), beta,
+                      1.0 - beta if teacher_is_a else w_small)
+
+
+def on_device_of(tensor: torch.Tensor):
+    """A context in which kernels launch on tensor's CUDA device: Triton launches on the current
+    device, which need not be the tensors' (nothing to do for CPU tensors)."""
+    return torch.cuda.device(tensor.device) if tensor.device.type == "cuda" else contextlib.nullcontext()
 
 
 # How a sparse teacher's mass outside its ids is treated (kdfast.sparse documents each).

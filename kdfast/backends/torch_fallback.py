@@ -8,11 +8,10 @@ temporaries instead of several N x V float32 tensors.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
-from . import FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, KernelParams, compute_dtype
+from . import FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, KernelParams, compute_dtype, jsd_weights
 
 DEVICE_TYPES = None  # any device torch supports
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -30,28 +29,6 @@ def _weighted_sum(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     product is 0 * inf; NaN inputs are handled per row by the caller.
     """
     return (weight * values).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
-
-
-class JsdWeights(NamedTuple):
-    """The jsd mixture m = beta p_t + (1 - beta) p_s seen from its lighter side A (the teacher when
-    beta <= 0.5, else the student) and its heavier side B, in double precision: at beta = 1 - 1e-6,
-    1 - beta formed from a float32 beta is 1.3 % off."""
-
-    teacher_is_a: bool
-    w_small: float  # A's weight, <= 0.5
-    log_w_small: float
-    c: float  # log(w_big / w_small) >= 0: past it, A's term dominates m
-    split: float  # max(c, 1): where jsd_log_ratios changes formula
-    teacher: float  # beta
-    student: float  # 1 - beta
-
-
-def jsd_weights(beta: float) -> JsdWeights:
-    teacher_is_a = beta <= 0.5
-    w_small = beta if teacher_is_a else 1.0 - beta  # exact in double for beta > 0.5
-    c = math.log1p(-w_small) - math.log(w_small)
-    return JsdWeights(teacher_is_a, w_small, math.log(w_small), c, max(c, 1.0), beta,
-                      1.0 - beta if teacher_is_a else w_small)
 
 
 # Below it, expm1 cannot overflow (in float32 either); above it, where w_small < e^-64,

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams
+from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams, jsd_weights, on_device_of
+from .triton_sparse import _expm1, _log1p, sparse_kd_forward  # noqa: F401  (sparse_kd_forward: the sparse kernel)
 
 assert (FORWARD_KL, REVERSE_KL, JSD) == (0, 1, 2)  # the DIVERGENCE codes the kernel tests for
 
@@ -40,13 +41,43 @@ def unavailable_reason() -> str | None:
     return None
 
 
+# Below it, expm1 cannot overflow; above it, where w_small < e^-64, w_small * expm1(delta)
+# = exp(delta + log w_small) - w_small without cancellation.
+JSD_EXPM1_LIMIT = tl.constexpr(64.0)
+
+
+@triton.jit
+def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A: tl.constexpr):
+    """(log m - log p_t, log m - log p_s) without the cancellation of log m - log p in fp32 (see
+    kdfast.backends.JsdWeights for the arguments). With delta = log p_A - log p_B: up to split (B
+    dominates m, or delta <= 1), log m - log p_B = log1p(w_small expm1(delta)), whose argument is
+    >= -w_small >= -0.5; beyond it, log m - log p_A = log(w_small) + log1p(exp(c - delta)), exp of
+    a number < 0. The other side's ratio differs by delta. Both sides -inf gives NaN (no weight)."""
+    if TEACHER_IS_A:
+        delta = log_pt - log_ps
+    else:
+        delta = log_ps - log_pt
+    near_b = delta <= split
+    e = tl.exp(tl.where(near_b, delta + log_w_small, c - delta))
+    shifted = tl.where(delta > JSD_EXPM1_LIMIT, e - w_small, w_small * _expm1(delta))
+    log1p = _log1p(tl.where(near_b, shifted, e))
+    ratio_a = tl.where(near_b, log1p - delta, log1p + log_w_small)
+    ratio_b = tl.where(near_b, log1p, ratio_a + delta)
+    if TEACHER_IS_A:
+        teacher_vs_mix, student_vs_mix = ratio_a, ratio_b
+    else:
+        teacher_vs_mix, student_vs_mix = ratio_b, ratio_a
+    return teacher_vs_mix, student_vs_mix
+
+
 @triton.jit
 def _kd_rows_kernel(
     s_ptr, t_ptr, g_ptr, labels_ptr, coefs_ptr, kd_out_ptr, ce_out_ptr,
     rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m, g_stride_b, g_stride_m,
-    vocab, inv_temp, beta, ignore_index,
+    vocab, inv_temp, ignore_index,
+    w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,  # jsd: kdfast.backends.JsdWeights
     DIVERGENCE: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
+    TEACHER_IS_A: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     batch, pos = row // rows_per_batch, row % rows_per_batch
@@ -95,10 +126,12 @@ def _kd_rows_kernel(
             da_t = (shift_t - old_shift_t) * inv_temp
             f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
             f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
+            # A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
+            # where the other had mass): 0 * inf would make the row NaN.
             if DIVERGENCE == 0:
-                acc_w = f_t * (acc_w - acc_zt * (da_t - da_s))
+                acc_w = tl.where(f_t > 0, f_t * (acc_w - acc_zt * (da_t - da_s)), 0.0)
             if DIVERGENCE == 1:
-                acc_w = f_s * (acc_w - acc_zs * (da_s - da_t))
+                acc_w = tl.where(f_s > 0, f_s * (acc_w - acc_zs * (da_s - da_t)), 0.0)
             if HARD:
                 acc_z1 = acc_z1 * tl.where(m_s > float("-inf"), tl.exp(old_shift_s - shift_s), 0.0)
             acc_zs = acc_zs * f_s
@@ -146,16 +179,22 @@ def _kd_rows_kernel(
                 log_pt = (xt - shift_t) * inv_temp - log_zt
                 p_s = tl.exp(log_ps)
                 p_t = tl.exp(log_pt)
-                mix = beta * p_t + (1.0 - beta) * p_s
-                log_mix = tl.log(mix)
-                # mix > 0 also drops entries whose mixture underflowed (weight < 1e-38).
-                acc_kl_t += tl.where((mix > 0) & (p_t > 0), p_t * (log_pt - log_mix), 0.0)
-                acc_kl_s += tl.where((mix > 0) & (p_s > 0), p_s * (log_ps - log_mix), 0.0)
-            kl_student_mix = tl.sum(acc_kl_s, axis=0)
-            kd = beta * tl.sum(acc_kl_t, axis=0) + (1.0 - beta) * kl_student_mix
-        tl.store(kd_out_ptr + row, kd)
+                teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c,
+                                                                jsd_split, TEACHER_IS_A)
+                # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
+                acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
+                acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
+            kl_student_mix = -tl.sum(acc_kl_s, axis=0)
+            kd = -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix
 
+        # Labels decide which rows count even without the hard term; on a GPU they are not
+        # checked on the host (that would sync), so a label out of range makes its row NaN.
         label_ok = (label >= 0) & (label < vocab)
+        if HAS_LABELS:
+            nan_if_bad_label = tl.where(label_ok, 0.0, float("nan"))
+        else:
+            nan_if_bad_label = 0.0
+        tl.store(kd_out_ptr + row, kd + nan_if_bad_label)
         log_z1 = 0.0
         if HARD:
             log_z1 = tl.log(tl.sum(acc_z1, axis=0)) + nan_if_unseen
@@ -183,15 +222,15 @@ def _kd_rows_kernel(
                     d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
                 else:
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    p_t = tl.exp((xt - shift_t) * inv_temp - log_zt)
-                    mix = beta * p_t + (1.0 - beta) * p_s
-                    live = (p_s > 0) & (mix > 0)
-                    d = (1.0 - beta) * tl.where(live, p_s * (log_ps - tl.log(mix) - kl_student_mix), 0.0)
-                g = coef_kd * d
+                    log_pt = (xt - shift_t) * inv_temp - log_zt
+                    _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
+                                                       TEACHER_IS_A)
+                    # log p_s - log m = -student_vs_mix
+                    d = w_student * tl.where(p_s > 0, p_s * (-student_vs_mix - kl_student_mix), 0.0)
+                g = coef_kd * d + nan_if_bad_label
                 if HARD:
                     p1 = tl.exp(xs - shift_s - log_z1)  # softmax(s) at T = 1
                     g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
-                    g += tl.where(label_ok, 0.0, float("nan"))
                 tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
@@ -225,14 +264,18 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
     ce_rows = torch.empty_like(kd_rows)
     block, num_warps = _launch_config(vocab)
     g = grad if grad is not None else student  # not written when WRITE_GRAD is False
-    _kd_rows_kernel[(n_rows,)](
-        student, teacher, g, labels if labels is not None else kd_rows, coefs.float(), kd_rows, ce_rows,
-        rows_per_batch, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
-        g.stride(0), g.stride(1),
-        vocab, 1.0 / params.temperature, params.beta, params.ignore_index,
-        DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None,
-        BLOCK=block, num_warps=num_warps,
-    )
+    # Formed in double here: the kernel never rounds beta before taking 1 - beta.
+    jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
+    with on_device_of(student):
+        _kd_rows_kernel[(n_rows,)](
+            student, teacher, g, labels if labels is not None else kd_rows, coefs.float(), kd_rows, ce_rows,
+            rows_per_batch, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
+            g.stride(0), g.stride(1),
+            vocab, 1.0 / params.temperature, params.ignore_index,
+            jsd.w_small, jsd.log_w_small, jsd.c, jsd.split, jsd.teacher, jsd.student,
+            DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None,
+            WRITE_GRAD=grad is not None, TEACHER_IS_A=jsd.teacher_is_a, BLOCK=block, num_warps=num_warps,
+        )
     return kd_rows, ce_rows
 
 
@@ -241,7 +284,6 @@ def scale_grad_(grad, grad_output) -> None:
     n_batch, rows_per_batch, vocab = grad.shape
     block = min(4096, triton.next_power_of_2(vocab))
     grid = (n_batch * rows_per_batch, triton.cdiv(vocab, block))
-    _scale_rows_kernel[grid](grad, grad_output.float().contiguous(), rows_per_batch, grad.stride(0), grad.stride(1),
-                             vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)
-
-from .triton_sparse import sparse_kd_forward  # noqa: E402,F401  (the sparse-teacher kernel)
+    with on_device_of(grad):
+        _scale_rows_kernel[grid](grad, grad_output.float().contiguous(), rows_per_batch, grad.stride(0),
+                                 grad.stride(1), vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)

@@ -15,13 +15,11 @@ Without a GPU the kernel runs in Triton's interpreter (TRITON_INTERPRET=1).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from . import FORWARD_KL, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, SparseKernelParams
+from . import FORWARD_KL, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, SparseKernelParams, on_device_of
 
 NEG_INF = float("-inf")
 
@@ -211,7 +209,7 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params: Spars
     n_blocks = triton.cdiv(vocab, block)
     shifts = torch.empty(n_rows, n_blocks, dtype=torch.float32, device=student.device)
     g = grad if grad is not None else student  # not written when WRITE_GRAD is False
-    with torch.cuda.device(student.device) if student.device.type == "cuda" else contextlib.nullcontext():
+    with on_device_of(student):
         _sparse_rows_kernel[(n_rows,)](
             student, ids, logprobs, g, shifts, labels if labels is not None else kd_rows, coefs.float(), kd_rows,
             ce_rows, rows_per_batch, student.stride(0), student.stride(1), g.stride(0), g.stride(1), n_ids, vocab,
