@@ -19,6 +19,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -34,6 +36,7 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2 = 0.6931471805599453;
+constexpr float kLn2f = static_cast<float>(kLn2);
 
 enum : unsigned { kSeenS = 1, kSeenT = 2, kBad = 4 };
 
@@ -347,7 +350,55 @@ struct SoftmaxStats {
   }
 };
 
-// jsd: sum p_t (log2 p_t - log2 m) and sum p_s (log2 p_s - log2 m), m the mixture.
+// The jsd mixture m = beta p_t + (1 - beta) p_s seen from its lighter side A (the teacher when
+// beta <= 0.5, else the student) and its heavier side B, in log2 units. Formed on the host in
+// double from the double beta: at beta = 1 - 1e-6, 1 - beta from a float beta is 1.3 % off.
+struct JsdWeights {
+  float w_small;  // A's weight, <= 0.5
+  float log_w_small;        // log2(w_small)
+  float c;                  // log2(w_big / w_small) >= 0: past it, A's term dominates m
+  float split;              // max(c, 1): where jsd_log_ratios changes formula
+  double teacher, student;  // beta and 1 - beta
+  bool teacher_is_a;
+};
+
+JsdWeights jsd_weights(double beta) {
+  const bool teacher_is_a = beta <= 0.5;
+  const double w_small = teacher_is_a ? beta : 1.0 - beta;  // exact for beta > 0.5
+  const double c = (std::log1p(-w_small) - std::log(w_small)) / kLn2;
+  return {static_cast<float>(w_small), static_cast<float>(std::log2(w_small)), static_cast<float>(c),
+          static_cast<float>(std::max(c, 1.0)), beta, teacher_is_a ? 1.0 - beta : w_small, teacher_is_a};
+}
+
+// Below it, expm1 cannot overflow; above it, where w_small < 2^-64, w_small * expm1(delta)
+// = 2^(delta + log2 w_small) - w_small without cancellation.
+constexpr float kJsdExpm1Limit = 64.f;
+
+struct JsdRatios {
+  float teacher, student;  // log2 m - log2 p_t, log2 m - log2 p_s
+};
+
+// log2 m - log2 p of both sides without the cancellation of the difference in fp32. With
+// delta = log2 p_A - log2 p_B: up to split (B dominates m, or delta <= 1),
+// log m - log p_B = log1p(w_small expm1(delta)), whose argument is >= -w_small >= -0.5; beyond
+// it, log m - log p_A = log(w_small) + log1p(2^(c - delta)), 2 to a power < 0. The other side's
+// ratio differs by delta. Entries where both sides are -inf give NaN (their weights are 0).
+__device__ JsdRatios jsd_log_ratios(float log_pt, float log_ps, const JsdWeights& w) {
+  const float delta = w.teacher_is_a ? log_pt - log_ps : log_ps - log_pt;
+  float ratio_a, ratio_b;
+  if (delta <= w.split) {
+    const float shifted = delta > kJsdExpm1Limit ? exp2f(delta + w.log_w_small) - w.w_small
+                                                 : w.w_small * expm1f(delta * kLn2f);
+    ratio_b = log1pf(shifted) * kLog2e;
+    ratio_a = ratio_b - delta;
+  } else {
+    ratio_a = w.log_w_small + log1pf(exp2f(w.c - delta)) * kLog2e;
+    ratio_b = ratio_a + delta;
+  }
+  return w.teacher_is_a ? JsdRatios{ratio_a, ratio_b} : JsdRatios{ratio_b, ratio_a};
+}
+
+// jsd: sum p_t (log2 m - log2 p_t) and sum p_s (log2 m - log2 p_s), m the mixture.
 struct MixtureTerms {
   float kl_t, kl_s;
   static __device__ MixtureTerms identity() { return {0.f, 0.f}; }
@@ -392,7 +443,8 @@ struct RowResult {
 };
 
 template <typename S, typename T, int kDiv, bool kHard>
-__device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, float c, float coef_kd, float coef_ce) {
+__device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, const RowGroups& rg, float c,
+                       float coef_kd, float coef_ce) {
   using Row = RowPair<S, T>;
   using SVec = typename Row::SVec;
   using TVec = typename Row::TVec;
@@ -410,7 +462,9 @@ __device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, floa
   };
   const int64_t label = a.labels ? a.labels[r] : a.ignore_index;
   if (a.labels && label == a.ignore_index) return constant_row(0.f, 0.f, 0.f);  // not read at all
-  if (kHard && (label < 0 || label >= vocab)) return constant_row(kNaN, kNaN, kNaN);
+  // Labels decide which rows count even without the hard term, and are not checked on the
+  // host (that would sync): a label out of range makes its row NaN.
+  if (a.labels && (label < 0 || label >= vocab)) return constant_row(kNaN, kHard ? kNaN : 0.f, kNaN);
 
   const Row row(row_start(static_cast<const S*>(a.student.data), r, a.rows_per_batch, a.student.stride_b,
                           a.student.stride_m),
@@ -436,7 +490,6 @@ __device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, floa
   // KL(p_t || p_s) = E_t[a_t - a_s] - log zt + log zs (the shifts cancel), and symmetrically.
   if constexpr (kDiv == KDFAST_FORWARD_KL) res.kd = static_cast<float>(kLn2 * (st.w / double{st.zt} - log_zt + log_zs));
   if constexpr (kDiv == KDFAST_REVERSE_KL) res.kd = static_cast<float>(kLn2 * (st.w / double{st.zs} - log_zs + log_zt));
-  const float beta = a.beta, one_minus_beta = 1.f - a.beta;
   if constexpr (kDiv == KDFAST_JSD) {
     // Sweep 2: the mixture needs both normalisers first.
     MixtureTerms mt = MixtureTerms::identity();
@@ -446,17 +499,15 @@ __device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, floa
         const float lps = (s.get(k) - res.shift_s) * c - res.log_zs;
         const float lpt = (t.get(k) - res.shift_t) * c - res.log_zt;
         const float ps = exp2f(lps), pt = exp2f(lpt);
-        const float mix = beta * pt + one_minus_beta * ps;
-        const float log_mix = log2f(mix);
-        // mix > 0 also drops entries whose mixture underflowed (their weight is < 1e-38).
-        const bool live = mix > 0.f;
-        mt.kl_t += live && pt > 0.f ? pt * (lpt - log_mix) : 0.f;
-        mt.kl_s += live && ps > 0.f ? ps * (lps - log_mix) : 0.f;
+        const JsdRatios vs_mix = jsd_log_ratios(lpt, lps, jw);
+        // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
+        mt.kl_t += pt > 0.f ? pt * vs_mix.teacher : 0.f;
+        mt.kl_s += ps > 0.f ? ps * vs_mix.student : 0.f;
       }
     });
     mt = group_reduce(mt, group, c);
-    res.kd = static_cast<float>(kLn2 * (double{beta} * mt.kl_t + (1.0 - beta) * mt.kl_s));
-    res.kl_s = static_cast<float>(kLn2 * mt.kl_s);
+    res.kd = static_cast<float>(-kLn2 * (jw.teacher * mt.kl_t + jw.student * mt.kl_s));
+    res.kl_s = static_cast<float>(-kLn2 * mt.kl_s);
   }
   float ce = 0.f;
   if constexpr (kHard) {
@@ -471,7 +522,7 @@ __device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, floa
   if (!grad) return;
 
   // The gradient: coef_kd (already over T) * d(kd)/d(s/T) + coef_ce * (softmax(s) - onehot).
-  constexpr float kLn2f = static_cast<float>(kLn2);
+  const float student_weight = static_cast<float>(jw.student);
   sweep<kDiv != KDFAST_JSD, true>(row, lane, group, true, [&](int first, const SVec& s, const TVec& t, SVec& g) {
 #pragma unroll
     for (int k = 0; k < W; ++k) {
@@ -484,9 +535,8 @@ __device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, floa
       } else if constexpr (kDiv == KDFAST_REVERSE_KL) {
         d = ps > 0.f ? ps * (kLn2f * (lps - lpt) - res.kd) : 0.f;
       } else {
-        const float mix = beta * exp2f(lpt) + one_minus_beta * ps;
-        const float log_mix = log2f(mix);
-        d = ps > 0.f && mix > 0.f ? one_minus_beta * ps * (kLn2f * (lps - log_mix) - res.kl_s) : 0.f;
+        // log p_s - log m = -(log m - log p_s)
+        d = ps > 0.f ? student_weight * ps * (-kLn2f * jsd_log_ratios(lpt, lps, jw).student - res.kl_s) : 0.f;
       }
       float gk = coef_kd * d;
       if constexpr (kHard) {
@@ -499,7 +549,8 @@ __device__ void kd_row(const KdCudaArgs& a, int64_t r, const RowGroups& rg, floa
 }
 
 template <typename S, typename T, int kDiv, bool kHard>
-__global__ void __launch_bounds__(kBlockThreads, 2) kd_forward_kernel(const KdCudaArgs a, int group) {
+__global__ void __launch_bounds__(kBlockThreads, 2) kd_forward_kernel(const KdCudaArgs a, const JsdWeights jw,
+                                                                       int group) {
   const RowGroups rg(group);
   const float c = static_cast<float>(1.4426950408889634 / a.temperature);  // log2(e) / T
   float coef_kd = 0.f, coef_ce = 0.f;
@@ -508,7 +559,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_forward_kernel(const KdCu
     coef_ce = a.coefs[1];
   }
   const int64_t n_rows = a.batch * a.rows_per_batch;
-  for (int64_t r = rg.first; r < n_rows; r += rg.stride) kd_row<S, T, kDiv, kHard>(a, r, rg, c, coef_kd, coef_ce);
+  for (int64_t r = rg.first; r < n_rows; r += rg.stride) kd_row<S, T, kDiv, kHard>(a, jw, r, rg, c, coef_kd, coef_ce);
 }
 
 template <typename X>
@@ -572,9 +623,10 @@ extern "C" int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t strea
   const int64_t n_rows = a.batch * a.rows_per_batch;
   if (n_rows == 0) return cudaSuccess;
   if (!a.student.data || !a.teacher.data || !a.kd_out || !a.ce_out || (a.hard && !a.labels) ||
-      (a.grad && !a.coefs)) {
+      (a.grad && !a.coefs) || (a.divergence == KDFAST_JSD && !(a.beta > 0.0 && a.beta < 1.0))) {
     return cudaErrorInvalidValue;
   }
+  const JsdWeights jw = jsd_weights(a.divergence == KDFAST_JSD ? a.beta : 0.5);
   const Geometry geo = geometry(n_rows, a.vocab);
   return with_element_type(a.student.dtype, [&](auto s_tag) {
     return with_element_type(a.teacher.dtype, [&](auto t_tag) {
@@ -582,7 +634,7 @@ extern "C" int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t strea
         using S = decltype(s_tag);
         using T = decltype(t_tag);
         kd_forward_kernel<S, T, decltype(div)::value, decltype(hard)::value>
-            <<<geo.blocks, kBlockThreads, 0, stream>>>(a, geo.group);
+            <<<geo.blocks, kBlockThreads, 0, stream>>>(a, jw, geo.group);
         return cudaGetLastError();
       });
     });

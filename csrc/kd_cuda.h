@@ -48,14 +48,15 @@ typedef struct {
   float* kd_out;         /* per row: the divergence (not times T^2) */
   float* ce_out;         /* per row: the hard-label cross-entropy at T = 1 (0 unless hard) */
   float temperature;     /* > 0 */
-  float beta;            /* jsd mixture weight, in (0, 1) */
+  double beta;           /* jsd mixture weight, in (0, 1); double, for 1 - beta near 0 */
   int64_t ignore_index;  /* rows with this label are not read: 0 loss, zero gradient */
   int divergence;        /* KDFAST_FORWARD_KL, KDFAST_REVERSE_KL or KDFAST_JSD */
   int hard;              /* nonzero: also the hard-label cross-entropy (needs labels) */
 } KdCudaArgs;
 
 /* The fused loss (and gradient) of every row. Rows holding NaN or +inf, rows all -inf,
- * and (with hard) labels outside [0, vocab) give NaN losses and a NaN gradient row. */
+ * and rows whose label is neither ignore_index nor in [0, vocab) (with or without hard)
+ * give NaN losses (the cross-entropy only with hard) and a NaN gradient row. */
 int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t stream);
 
 typedef struct {

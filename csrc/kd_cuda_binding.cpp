@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   args.kd_out = kd_out.data_ptr<float>();
   args.ce_out = ce_out.data_ptr<float>();
   args.temperature = static_cast<float>(temperature);
-  args.beta = static_cast<float>(beta);
+  args.beta = beta;
   args.ignore_index = ignore_index;
   args.divergence = static_cast<int>(divergence);
   args.hard = hard;
