@@ -57,3 +57,21 @@ def test_offsets_beyond_2_pow_31(backend):
     rows.sum().backward()
     last = torch.arange(n - 8, n)
     assert check_rows(s.detach(), t, s.grad, rows, last, temperature=2.0) < 4e-3
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_logits_on_another_device_than_the_current_one(gen, backend, divergence):
+    """Triton launches on the current device: the kernels must switch to the tensors' own."""
+    s, t = make_logits(gen, (16, 3001), torch.float32, "cuda:1")
+    leaf = s.clone().requires_grad_()
+    with torch.cuda.device(0):
+        rows = kdfast.kd_loss(leaf, t, backend=backend, temperature=2.0, divergence=divergence, reduction="none")
+        (rows * 0.5).sum().backward()  # a grad_output other than 1: the scaling kernel runs too
+    torch.cuda.synchronize(1)
+    assert rows.device == torch.device("cuda:1") and leaf.grad.device == torch.device("cuda:1")
+    s64 = s.double().cpu().requires_grad_()
+    ref = kd_loss_reference(s64, t.double().cpu(), temperature=2.0, divergence=divergence, reduction="none")
+    (ref * 0.5).sum().backward()
+    assert rel_err(rows, ref) < 2e-5 and rel_err(leaf.grad, s64.grad) < 2e-5
