@@ -32,6 +32,7 @@ import kdfast
 
 from kdfast import KDLossParts, LossOptions
 from kdfast.inputs import check_vocab
+from kdfast.options import check_choice
 
 LOSS_PATHS = ("auto", "fused_linear", "logits")
 
@@ -230,8 +231,7 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
 
 
 def check_loss_path(requested: str) -> None:
-    if requested not in LOSS_PATHS:
-        raise ValueError(f"loss_path must be one of {', '.join(map(repr, LOSS_PATHS))}; got {requested!r}")
+    check_choice("loss_path", requested, LOSS_PATHS)
 
 
 class LMDistillLoss:

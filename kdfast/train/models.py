@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdfast.options import check_positive_int
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -29,9 +31,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name in ("vocab_size", "context", "n_layer", "n_head", "d_model", "mlp_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive int, got {value!r}")
+            check_positive_int(f"GPTConfig.{name}", getattr(self, name))
         if self.d_model % self.n_head:
             raise ValueError(f"GPTConfig.d_model={self.d_model} must be a multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:

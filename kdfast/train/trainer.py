@@ -31,10 +31,11 @@ import torch.distributed as dist
 from torch import nn
 
 from kdfast import LossOptions
+from kdfast.options import check_positive_int
 
 from .checkpoint import checkpoints, ensure_writable_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TokenWindows
-from .lm import LOSS_PATHS, LMDistillLoss, choose_loss_path, evaluate_models, is_sharded
+from .lm import LMDistillLoss, check_loss_path, choose_loss_path, evaluate_models, is_sharded
 from .runtime import MetricsLog, init_distributed, peak_memory, progress_bar, reset_peak_memory, resolve_device
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of each precision setting
@@ -72,8 +73,7 @@ class TrainConfig:
         self.betas = tuple(self.betas)
         positive = ("steps", "batch_size", "grad_accum", "eval_batch_size", "log_every", "keep_last")
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+            check_positive_int(name, getattr(self, name))
         for name in ("warmup_steps", "eval_every", "eval_windows", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
@@ -83,8 +83,7 @@ class TrainConfig:
         for name, choices in (("precision", PRECISIONS), ("teacher_dtype", TEACHER_DTYPES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
-        if self.loss_path not in LOSS_PATHS:
-            raise ValueError(f"loss_path must be one of {', '.join(LOSS_PATHS)}; got {self.loss_path!r}")
+        check_loss_path(self.loss_path)
 
     def run_settings(self) -> dict:
         """The settings a checkpoint must share with the run that resumes it: those that change the weights."""
