@@ -45,6 +45,16 @@ def unavailable_reason() -> str | None:
 # = exp(delta + log w_small) - w_small without cancellation.
 JSD_EXPM1_LIMIT = tl.constexpr(64.0)
 
+# log1p and expm1 of small fp32 arguments: libdevice's on a GPU (tl.log and tl.exp may be the
+# approximate hardware ones there, which the Goldberg / Kahan forms would turn into a relative
+# error of 1e-7 / x); the interpreter has no libdevice, and its numpy log and exp are exact.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    log1p_f32, expm1_f32 = _log1p, _expm1
+else:
+    from triton.language.extra import libdevice
+
+    log1p_f32, expm1_f32 = libdevice.log1p, libdevice.expm1
+
 
 @triton.jit
 def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A: tl.constexpr):
@@ -59,8 +69,8 @@ def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A:
         delta = log_ps - log_pt
     near_b = delta <= split
     e = tl.exp(tl.where(near_b, delta + log_w_small, c - delta))
-    shifted = tl.where(delta > JSD_EXPM1_LIMIT, e - w_small, w_small * _expm1(delta))
-    log1p = _log1p(tl.where(near_b, shifted, e))
+    shifted = tl.where(delta > JSD_EXPM1_LIMIT, e - w_small, w_small * expm1_f32(delta))
+    log1p = log1p_f32(tl.where(near_b, shifted, e))
     ratio_a = tl.where(near_b, log1p - delta, log1p + log_w_small)
     ratio_b = tl.where(near_b, log1p, ratio_a + delta)
     if TEACHER_IS_A:
