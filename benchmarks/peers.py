@@ -3,7 +3,8 @@
 Every implementation is a function of the problem's tensors, the temperature and the divergence
 that returns the scalar batchmean loss times T**2 (the kd_loss defaults):
 ``(student, teacher, T, divergence)`` for logits, ``(student_hidden, student_weight, teacher_hidden,
-teacher_weight, T, divergence)`` for the fused-linear problem. ``implementations`` lists those that
+teacher_weight, T, divergence)`` for the fused-linear problem, ``(student, teacher_ids,
+teacher_logprobs, T, divergence)`` for the sparse teacher (tail "bucket"). ``implementations`` lists those that
 can run on a device, and why the others cannot.
 """
 
@@ -20,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.backends.registry import BACKENDS, backend_module
+from kdfast.backends.registry import BACKENDS, backend_module, kernel_unavailable_reason
+from kdfast.sparse import MASS_TOLERANCE
 
 from .problems import MODES
 
@@ -105,6 +107,30 @@ def liger_jsd(student, teacher, temperature, divergence):
     return _liger_module("LigerJSD", beta=LIGER_BETA[divergence])(log_ps, log_pt) * temperature**2
 
 
+# --- sparse teachers: the teacher's top-k ids and log-probabilities in ------------------------------
+
+def sparse_careful_eager(student, ids, logprobs, temperature, divergence):
+    """sparse_kd_loss's "bucket" tail, carefully: fp32 log_softmax, the ids gathered, the student's rest
+    from the logsumexp of the complement (no cancellation), the teacher's rest 1 - sum q (none within
+    the log-probs' rounding), then the divergence over the K + 1 categories."""
+    log_p = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_rest = torch.logsumexp(log_p.scatter(-1, ids, -math.inf), dim=-1, keepdim=True)
+    log_q = logprobs.float()
+    rest = 1.0 - log_q.exp().sum(-1, keepdim=True)
+    log_teacher_rest = torch.where(rest > MASS_TOLERANCE[logprobs.dtype], rest, 0.0).log()
+    return divergence_of_log_probs(torch.cat([log_p.gather(-1, ids), log_rest], -1),
+                                   torch.cat([log_q, log_teacher_rest], -1), divergence) * temperature**2
+
+
+@functools.cache
+def compiled_sparse_careful_eager():
+    return torch.compile(sparse_careful_eager, dynamic=False)
+
+
+def sparse_compiled(student, ids, logprobs, temperature, divergence):
+    return compiled_sparse_careful_eager()(student, ids, logprobs, temperature, divergence)
+
+
 # --- fused linear: hidden states and lm_head weights in -------------------------------------------
 
 def _logits(student_hidden, student_weight, teacher_hidden, teacher_weight):
@@ -141,10 +167,20 @@ def _kdfast_logits(backend: str, inplace: bool) -> Callable:
     return loss
 
 
-def _kdfast_backend_reason(name: str, device: str) -> str | None:
+def _kdfast_sparse(backend: str, inplace: bool) -> Callable:
+    def loss(student, ids, logprobs, temperature, divergence):
+        return kdfast.sparse_kd_loss(student, ids, logprobs, temperature=temperature, divergence=divergence,
+                                     beta=JSD_BETA, backend=backend, inplace_backward=inplace)
+    return loss
+
+
+def _kdfast_backend_reason(name: str, device: str, kernel: str) -> str | None:
     status = kdfast.available_backends()[name]
     if not status.available:
         return status.reason
+    reason = kernel_unavailable_reason(name, kernel)
+    if reason:
+        return reason
     types = backend_module(name).DEVICE_TYPES
     if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return "runs in Triton's interpreter here, which is not a performance path (the tests cover it)"
@@ -167,18 +203,28 @@ def implementations(problem: str, device: str) -> tuple[list[Impl], dict[str, st
     """(the implementations of ``problem`` that run on ``device``, {name: why not} for the others)."""
     impls, skipped = [], {}
     liger_reason = _liger_reason(device)
-    if problem == "logits":
+    if problem in ("logits", "sparse"):
+        kernel, kdfast_loss = ("kd_forward", _kdfast_logits) if problem == "logits" \
+            else ("sparse_kd_forward", _kdfast_sparse)
         for backend in BACKENDS:
-            reason = _kdfast_backend_reason(backend, device)
+            reason = _kdfast_backend_reason(backend, device, kernel)
             if reason:
                 skipped[f"kdfast-{backend}"] = reason
                 continue
             impls.append(Impl(f"kdfast-{backend}", "kdfast", f"kdfast, backend={backend!r}",
-                              _kdfast_logits(backend, False)))
+                              kdfast_loss(backend, False)))
             if backend != "torch":  # the fallback's inplace path is covered by the tests, not timed
                 impls.append(Impl(f"kdfast-{backend}-inplace", "kdfast",
                                   f"kdfast, backend={backend!r}, inplace_backward=True",
-                                  _kdfast_logits(backend, True), modes=("fwd+bwd",), inplace=True))
+                                  kdfast_loss(backend, True), modes=("fwd+bwd",), inplace=True))
+    if problem == "sparse":
+        impls += [
+            Impl("eager", "peer", "careful eager: fp32 log_softmax, gather, the rest by logsumexp of the complement, "
+                 "kl_div over the K + 1 categories", sparse_careful_eager),
+            Impl("compile", "peer", "torch.compile of the careful eager", sparse_compiled),
+        ]
+        liger = []  # Liger has no sparse-teacher loss
+    elif problem == "logits":
         impls += [
             Impl("classic", "peer", "classic recipe: kl_div(log(softmax(s/T)), softmax(t/T)), logits' dtype",
                  classic, divergences=("forward_kl",)),

@@ -1,7 +1,9 @@
 """What a benchmark cell runs on: the inputs, the float64 reference, and the cost model.
 
-Two problems: ``LogitsProblem`` (student and teacher logits in, the loss of ``kd_loss``) and
-``FusedLinearProblem`` (hidden states and lm_head weights in, the logits made inside).
+Three problems: ``LogitsProblem`` (student and teacher logits in, the loss of ``kd_loss``),
+``FusedLinearProblem`` (hidden states and lm_head weights in, the logits made inside) and
+``SparseProblem`` (student logits and a teacher's top-k ids and log-probabilities in, the loss
+of ``sparse_kd_loss``).
 The reference is computed a block of rows at a time, so that it fits in memory even at
 N = 8192 x V = 262144 (a float64 copy of one input alone is 17 GB there); its gradient is
 kept in float32, which is ~1e-7 relative away from float64, far below every tolerance.
@@ -12,7 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast.reference import kd_loss_reference
+import kdfast
+from kdfast.reference import kd_loss_reference, sparse_kd_loss_reference
+from kdfast.sparse import MASS_TOLERANCE
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MODES = ("fwd+bwd", "fwd")  # "fwd": the loss alone, the student requiring no grad
@@ -142,3 +146,63 @@ class FusedLinearProblem:
             block.backward()
             loss += block.item()
         return loss, [sh.grad, sw.grad]
+
+
+class SparseProblem:
+    """sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs), tail "bucket": the student's
+    logits as in LogitsProblem, in ``dtype``, and the perturbed teacher's top-k at the suite's
+    temperature, as float32 log-probabilities (the teacher's N x V logits exist a block of rows at
+    a time only). The student is the one trainable input."""
+
+    kind = "sparse"
+
+    def __init__(self, n: int, v: int, k: int, dtype: str, device: str, temperature: float, seed: int = 0):
+        self.n, self.v, self.k, self.dtype = n, v, k, dtype
+        gen = torch.Generator(device=device).manual_seed(seed)
+        student = _randn(gen, (n, v), device) * 3.0
+        self.ids = torch.empty(n, k, dtype=torch.int64, device=device)
+        self.logprobs = torch.empty(n, k, dtype=torch.float32, device=device)
+        step = _rows_per_block(v)
+        for r0 in range(0, n, step):
+            teacher = student[r0:r0 + step] + _randn(gen, student[r0:r0 + step].shape, device) * 2.1
+            self.ids[r0:r0 + step], self.logprobs[r0:r0 + step] = kdfast.teacher_topk(teacher, k, temperature)
+        self.student = student.to(DTYPES[dtype])
+
+    @property
+    def key(self) -> dict:
+        return {"problem": self.kind, "n": self.n, "v": self.v, "k": self.k, "dtype": self.dtype}
+
+    def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
+        if fresh:  # inplace_backward overwrites it
+            student, leaf = _consumable(self.student, requires_grad)
+        else:
+            student = leaf = _leaf(self.student, requires_grad)
+        return (student, self.ids, self.logprobs), [leaf] if requires_grad else []
+
+    def release(self) -> None:
+        self.student.requires_grad_(False).grad = None
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.student.nbytes
+
+    def traffic_bytes(self, mode: str) -> int:
+        """The memory traffic floor: read S, the ids and log-probs, and write dS when there is a backward."""
+        return self.student.nbytes + self.ids.nbytes + self.logprobs.nbytes \
+            + (self.student.nbytes if mode == "fwd+bwd" else 0)
+
+    def reference(self, temperature: float, divergence: str, beta: float) -> tuple[float, list[Tensor]]:
+        """The float64 batchmean loss and its gradient w.r.t. the student (stored as float32)."""
+        grad = torch.empty(self.n, self.v, dtype=torch.float32, device=self.student.device)
+        loss = 0.0
+        step = _rows_per_block(self.v)
+        for r0 in range(0, self.n, step):
+            s = self.student[r0:r0 + step].detach().cpu().double().requires_grad_()
+            block = sparse_kd_loss_reference(s, self.ids[r0:r0 + step].cpu(), self.logprobs[r0:r0 + step].cpu(),
+                                             temperature=temperature, divergence=divergence, beta=beta,
+                                             mass_tolerance=MASS_TOLERANCE[self.logprobs.dtype],
+                                             reduction="sum") / self.n
+            block.backward()
+            loss += block.item()
+            grad[r0:r0 + step] = s.grad
+        return loss, [grad]

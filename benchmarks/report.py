@@ -23,7 +23,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-GROUP_FIELDS = ("problem", "n", "v", "hs", "ht", "dtype", "divergence", "mode")
+GROUP_FIELDS = ("problem", "n", "v", "hs", "ht", "k", "dtype", "divergence", "mode")
 VERDICTS = {True: "PASS", False: "**FAIL**", None: "not measured"}
 SECTION = "<!-- benchmarks {key} {edge} -->"  # edge: begin / end
 RESULTS_HEADER = """# kdfast benchmark results
@@ -112,7 +112,8 @@ def failed_kdfast_cells(result: dict) -> list[dict]:
 
 def _size(c: dict) -> str:
     hidden = f" (H {c['hs']}/{c['ht']})" if c.get("hs") else ""
-    return f"{c['n']} x {c['v']}{hidden}"
+    ids = f", K {c['k']}" if c.get("k") else ""
+    return f"{c['n']} x {c['v']}{hidden}{ids}"
 
 
 def cell_name(c: dict) -> str:
@@ -192,7 +193,8 @@ def markdown(result: dict, plots: list[Path], relative_to: Path) -> str:
         tables[(c["problem"], c["dtype"], c["divergence"], c["mode"])].append(c)
     for (problem, dtype, divergence, mode), cells in tables.items():
         floor_name = "GEMM floor" if problem == "fused" else "traffic floor"
-        out += [f"### {dtype}, {divergence}, {mode}", "",
+        teacher = "sparse teacher, " if problem == "sparse" else ""
+        out += [f"### {teacher}{dtype}, {divergence}, {mode}", "",
                 f"| N x V | implementation | check: loss / grad error | ms, median [p20–p80] | x {floor_name} "
                 "| of copy BW | peak+ GB | peak+ / grad | kdfast speed-up |",
                 "|---|---|---|---|---|---|---|---|---|"]
@@ -225,7 +227,8 @@ def markdown(result: dict, plots: list[Path], relative_to: Path) -> str:
 # --- plots -----------------------------------------------------------------------------------------
 
 def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
-    """Time and peak memory against V (or N when V is fixed): one panel per (dtype, mode) x divergence."""
+    """Time and peak memory against V (or N, or K: whichever varies most): one panel per (dtype, mode) x
+    divergence."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,11 +237,11 @@ def plot(result: dict, out_dir: Path, stem: str) -> list[Path]:
     cells = [c for c in result["cells"] if c.get("time")]
     if not cells:
         return []
-    x_field = max(("v", "n"), key=lambda f: len({c[f] for c in cells}))
-    series_field = "n" if x_field == "v" else "v"
-    several = len({c[series_field] for c in cells}) > 1
+    sizes = ("v", "n", "k")
+    x_field = max(sizes, key=lambda f: len({c.get(f) for c in cells}))
+    series_fields = [f for f in sizes if f != x_field and len({c.get(f) for c in cells}) > 1]
     for c in cells:
-        c["_series"] = c["impl"] + (f" {series_field}={c[series_field]}" if several else "")
+        c["_series"] = c["impl"] + "".join(f" {f}={c[f]}" for f in series_fields if c.get(f) is not None)
     colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(c["_series"] for c in cells))}
     rows = list(dict.fromkeys((c["dtype"], c["mode"]) for c in cells))
     cols = list(dict.fromkeys(c["divergence"] for c in cells))

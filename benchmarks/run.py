@@ -1,6 +1,6 @@
 """Run a benchmark suite and write its JSON, Markdown and plots.
 
-    python -m benchmarks.run --suite quick|full|cpu-core|gpu-core|fused-linear [--device cpu|cuda]
+    python -m benchmarks.run --suite quick|full|cpu-core|gpu-core|fused-linear|sparse [--device cpu|cuda]
                              [--out DIR] [--update-results [RESULTS.md]] [--impls PATTERNS] [--budget-s S]
     python -m benchmarks.run --from-json FILE [--out DIR] [--update-results]   # re-render a saved run
 
@@ -39,10 +39,10 @@ def _cell_base(problem, impl: Impl, divergence: str, mode: str) -> dict:
     """What identifies a cell, and its cost model."""
     cell = {**problem.key, "divergence": divergence, "mode": mode, "impl": impl.name, "kind": impl.kind,
             "label": impl.label, "grad_bytes": problem.grad_bytes if mode == "fwd+bwd" else None}
-    if problem.kind == "logits":
-        cell["bytes"] = problem.traffic_bytes(mode)
-    else:
+    if problem.kind == "fused":
         cell["flops"] = problem.flops(mode)
+    else:
+        cell["bytes"] = problem.traffic_bytes(mode)
     return cell
 
 
@@ -142,7 +142,7 @@ def run_suite(suite: suites.Suite, env: dict, impl_patterns: tuple[str, ...], bu
         result["skipped_impls"].update(skipped)
         impls = [i for i in impls if any(fnmatch.fnmatch(i.name, p) for p in case.impls)
                  and any(fnmatch.fnmatch(i.name, p) for p in impl_patterns)]
-        problem = case.build(suite.device)
+        problem = case.build(suite.device, suite.temperature)
         tol = suites.TOLERANCES[(case.problem, case.dtype)]
         for divergence in case.divergences:
             # Computed once per input set and divergence, and only if a cell runs.

@@ -13,7 +13,7 @@ from typing import Optional
 
 from .measure import Timing, Tolerance
 from .peers import DIVERGENCES
-from .problems import MODES, FusedLinearProblem, LogitsProblem
+from .problems import MODES, FusedLinearProblem, LogitsProblem, SparseProblem
 
 VOCABS = (32000, 50257, 128256, 151936, 262144)
 ALL = ("*",)
@@ -26,12 +26,14 @@ TOLERANCES = {
     ("logits", "bf16"): Tolerance(loss=1e-4, grad=4e-3),
     ("fused", "fp32"): Tolerance(loss=1e-4, grad=1e-4),
     ("fused", "bf16"): Tolerance(loss=2e-3, grad=3e-2),
+    ("sparse", "fp32"): Tolerance(loss=1e-4, grad=1e-4),
+    ("sparse", "bf16"): Tolerance(loss=1e-4, grad=4e-3),
 }
 
 
 @dataclass(frozen=True)
 class Case:
-    problem: str  # "logits" or "fused"
+    problem: str  # "logits", "fused" or "sparse"
     n: int
     v: int
     dtype: str  # "fp32" or "bf16"
@@ -40,10 +42,13 @@ class Case:
     impls: tuple[str, ...] = ALL
     hs: int = 0  # fused: the student's and the teacher's hidden sizes
     ht: int = 0
+    k: int = 0  # sparse: the teacher's ids per position
 
-    def build(self, device: str):
+    def build(self, device: str, temperature: float):
         if self.problem == "fused":
             return FusedLinearProblem(self.n, self.v, self.hs, self.ht, self.dtype, device)
+        if self.problem == "sparse":  # the teacher's log-probabilities are at the loss's temperature
+            return SparseProblem(self.n, self.v, self.k, self.dtype, device, temperature)
         return LogitsProblem(self.n, self.v, self.dtype, device)
 
 
@@ -138,6 +143,38 @@ def _fused_linear(device: str) -> Suite:
     )
 
 
+def _sparse(device: str) -> Suite:
+    sizes = {"n": 2048, "v": 32000} if device == "cpu" else {"n": 8192}
+    kdfast = {"impl": f"kdfast-{'cpu' if device == 'cpu' else 'triton'}", **sizes, "divergence": "forward_kl",
+              "mode": "fwd+bwd"}
+    bars = (Bar("kdfast >= 2x faster than torch.compile", kdfast, "speedup:compile", ">=", 2.0),
+            Bar("peak extra memory <= 1.1x the gradient", kdfast, "peak_over_grad", "<=", 1.1))
+
+    def cases(n, vocabs, dtypes, ks, impls):
+        return tuple(Case("sparse", n, v, dtype, divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls, k=k)
+                     for dtype in dtypes for v in vocabs for k in ks)
+    if device == "cpu":
+        return Suite(
+            "sparse", "cpu",
+            "Issue 14 on the CPU: sparse_kd_loss (tail bucket, forward KL, T=2) forward+backward against a teacher's "
+            "top-K float32 log-probabilities, K = 16, 64, 256, at N=2048, V=32000, fp32 and bf16 student logits, "
+            "against a careful eager version of the same formula and its torch.compile in one run; then "
+            "N=8192 and V=262144 at K=64 against careful eager.",
+            cases(2048, (32000,), ("fp32", "bf16"), (16, 64, 256), ("kdfast-cpu*", "eager", "compile"))
+            + cases(8192, (32000,), ("fp32", "bf16"), (64,), ("kdfast-cpu*", "eager"))
+            + cases(2048, (262144,), ("fp32", "bf16"), (64,), ("kdfast-cpu*", "eager")),
+            bars=(Bar("kdfast >= 5x faster than careful eager", kdfast, "speedup:eager", ">=", 5.0), *bars),
+            timing=Timing(warmup=1, min_runs=5, min_seconds=1.0))
+    impls = ("kdfast-triton*", "kdfast-cuda*", "eager", "compile")
+    return Suite(
+        "sparse", "cuda",
+        "Issue 14 on the GPU: sparse_kd_loss (tail bucket, forward KL, T=2) forward+backward, N=8192, bf16 student "
+        "logits, a teacher's top-K float32 log-probabilities, K = 16, 64, 256 at V=32000 and 128256, K=64 at "
+        "V=262144, against careful eager and its torch.compile; starts no cell after 5 minutes.",
+        cases(8192, (32000, 128256), ("bf16",), (16, 64, 256), impls) + cases(8192, (262144,), ("bf16",), (64,), impls),
+        bars=bars, timing=Timing(warmup_ms=10, rep_ms=40), copy_mib=2048, budget_s=300.0)
+
+
 def _quick(device: str) -> Suite:
     if device == "cpu":
         # Seconds per torch.compile graph and a slow torch fallback on a CPU: those run on one V only.
@@ -145,9 +182,13 @@ def _quick(device: str) -> Suite:
                  Case("logits", 8, 32000, "fp32", divergences=("reverse_kl", "jsd"), impls=NO_COMPILE),
                  Case("logits", 8, 32000, "bf16", impls=NO_COMPILE)]
         cases += _grid(8, ("fp32", "bf16"), VOCABS[1:], impls=("kdfast-cpu*", "classic", "eager"))
+        cases += [Case("sparse", 8, 32000, "fp32", divergences=("forward_kl",), k=16),
+                  Case("sparse", 8, 32000, "fp32", divergences=("reverse_kl", "jsd"), impls=NO_COMPILE, k=16),
+                  Case("sparse", 8, 32000, "bf16", impls=NO_COMPILE, k=64)]
         cases, timing = tuple(cases), Timing(warmup=0, min_runs=3, min_seconds=0.0)
     else:
         cases = _grid(256, ("bf16", "fp32"), (32000,)) + _grid(256, ("bf16", "fp32"), VOCABS[1:], impls=NO_COMPILE)
+        cases += (Case("sparse", 256, 32000, "bf16", k=64),)
         timing = Timing(warmup_ms=5, rep_ms=20)
     return Suite("quick", device, "Smoke test: tiny sizes over the whole grid; correctness asserted, timings only "
                  "reported.", cases, timing=timing, copy_mib=64)
@@ -170,7 +211,7 @@ def _full(device: str) -> Suite:
 
 def get(name: str, device: str, missing_ok: bool = False) -> Optional[Suite]:
     """The suite ``name`` for ``device`` (cpu-core and gpu-core exist for one device only)."""
-    makers = {"quick": _quick, "full": _full, "fused-linear": _fused_linear,
+    makers = {"quick": _quick, "full": _full, "fused-linear": _fused_linear, "sparse": _sparse,
               "cpu-core": lambda d: _cpu_core() if d == "cpu" else None,
               "gpu-core": lambda d: _gpu_core() if d == "cuda" else None}
     suite = makers[name](device)
@@ -179,4 +220,4 @@ def get(name: str, device: str, missing_ok: bool = False) -> Optional[Suite]:
     return suite
 
 
-NAMES = ("quick", "full", "cpu-core", "gpu-core", "fused-linear")
+NAMES = ("quick", "full", "cpu-core", "gpu-core", "fused-linear", "sparse")

@@ -1,5 +1,6 @@
 """The benchmark suite: the quick CPU suite end to end (a smoke test: correctness asserted,
-timings not), and the pieces whose logic a smoke run does not pin down."""
+timings not; it holds tiny cells of the sparse suite too), and the pieces whose logic a smoke
+run does not pin down."""
 
 import json
 import math
@@ -13,9 +14,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not installed: import it from the checkout, as `python -m` does
 
-from benchmarks import measure, peers, report  # noqa: E402
-from benchmarks.problems import LogitsProblem  # noqa: E402
-from kdfast.reference import kd_loss_reference  # noqa: E402
+from benchmarks import measure, peers, report, suites  # noqa: E402
+from benchmarks.problems import MODES, LogitsProblem, SparseProblem  # noqa: E402
+from kdfast.reference import kd_loss_reference, sparse_kd_loss_reference  # noqa: E402
 
 
 def test_quick_cpu_suite(tmp_path):
@@ -31,11 +32,17 @@ def test_quick_cpu_suite(tmp_path):
     kdfast_cells = [c for c in cells if c["kind"] == "kdfast"]
     assert kdfast_cells and all(c["status"] == "ok" for c in kdfast_cells)
     # Every divergence, mode, dtype and V, and a peer for each divergence, were measured.
-    assert {(c["divergence"], c["mode"], c["dtype"], c["v"]) for c in kdfast_cells} == {
+    logits_cells = [c for c in kdfast_cells if c["problem"] == "logits"]
+    assert {(c["divergence"], c["mode"], c["dtype"], c["v"]) for c in logits_cells} == {
         (d, m, t, v) for d in peers.DIVERGENCES for m in ("fwd", "fwd+bwd") for t in ("fp32", "bf16")
         for v in (32000, 50257, 128256, 151936, 262144)}
     assert {c["divergence"] for c in cells if c["kind"] == "peer" and c.get("time")} == set(peers.DIVERGENCES)
     assert {c["impl"] for c in cells} >= {"kdfast-cpu", "kdfast-cpu-inplace", "classic", "eager", "compile"}
+    # The sparse suite's problem: every divergence, mode and dtype, against careful eager and torch.compile.
+    sparse = [c for c in cells if c["problem"] == "sparse"]
+    assert {(c["divergence"], c["mode"], c["dtype"]) for c in sparse if c["impl"] == "kdfast-cpu"} == {
+        (d, m, t) for d in peers.DIVERGENCES for m in MODES for t in ("fp32", "bf16")}
+    assert {c["impl"] for c in sparse if c.get("time")} >= {"kdfast-cpu", "kdfast-cpu-inplace", "eager", "compile"}
     for c in cells:
         if c.get("time"):
             assert c["time"]["runs"] >= 3 and c["time"]["p20"] <= c["time"]["median"] <= c["time"]["p80"]
@@ -45,7 +52,8 @@ def test_quick_cpu_suite(tmp_path):
     for name in ("quick-cpu.md", "quick-cpu-time.png", "quick-cpu-memory.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     md = (tmp_path / "out" / "quick-cpu.md").read_text()
-    assert "| kdfast-cpu |" in md and "Copy bandwidth" in md
+    assert "| kdfast-cpu |" in md and "Copy bandwidth" in md and "### sparse teacher, bf16, jsd, fwd+bwd" in md
+    assert "| 8 x 32000, K 64 |" in md
     text = results_md.read_text()
     assert "kept" in text and "<!-- benchmarks quick/cpu begin -->" in text and "| kdfast-cpu |" in text
 
@@ -69,6 +77,27 @@ def test_careful_eager_peers_match_the_reference(divergence):
     assert math.isclose(got.item(), ref.item(), rel_tol=1e-5)
     chunked_loss, _ = problem.reference(2.0, divergence, peers.JSD_BETA)
     assert math.isclose(chunked_loss, ref.item(), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("divergence", peers.DIVERGENCES)
+def test_sparse_peers_match_the_reference(divergence):
+    problem = SparseProblem(5, 300, 7, "fp32", "cpu", temperature=2.0, seed=1)
+    ref = sparse_kd_loss_reference(problem.student.double(), problem.ids, problem.logprobs, temperature=2.0,
+                                   divergence=divergence, beta=peers.JSD_BETA)
+    for loss in (peers.sparse_careful_eager, peers.sparse_compiled):
+        got = loss(problem.student, problem.ids, problem.logprobs, 2.0, divergence)
+        assert math.isclose(got.item(), ref.item(), rel_tol=1e-5)
+    chunked_loss, _ = problem.reference(2.0, divergence, peers.JSD_BETA)
+    assert math.isclose(chunked_loss, ref.item(), rel_tol=1e-12)
+
+
+def test_sparse_suite_bars_cover_every_k_and_dtype():
+    suite = suites.get("sparse", "cpu")
+    head = {(c.k, c.dtype) for c in suite.cases if (c.n, c.v) == (2048, 32000)
+            and {"kdfast-cpu*", "eager", "compile"} <= set(c.impls)}
+    assert head == {(k, d) for k in (16, 64, 256) for d in ("fp32", "bf16")}
+    assert {(b.metric, b.op, b.limit) for b in suite.bars} == {
+        ("speedup:eager", ">=", 5.0), ("speedup:compile", ">=", 2.0), ("peak_over_grad", "<=", 1.1)}
 
 
 def test_verdicts_and_bars():
