@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.backends.registry import BACKENDS, backend_module, kernel_unavailable_reason
+from kdfast.backends.registry import BACKENDS, backend, kernel_unavailable_reason
 from kdfast.sparse import MASS_TOLERANCE
 
 from .problems import MODES
@@ -181,7 +181,7 @@ def _kdfast_backend_reason(name: str, device: str, kernel: str) -> str | None:
     reason = kernel_unavailable_reason(name, kernel)
     if reason:
         return reason
-    types = backend_module(name).DEVICE_TYPES
+    types = backend(name).device_types
     if name == "triton" and device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return "runs in Triton's interpreter here, which is not a performance path (the tests cover it)"
     if types is not None and device not in types:

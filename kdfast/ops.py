@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .backends import KernelParams, SparseKernelParams, compute_dtype
-from .backends.registry import backend_module
+from .backends import registry
 from .reduction import ReductionWeights, weighted_loss
 
 
@@ -25,7 +25,7 @@ def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad:
                temperature: float, divergence: int, beta: float, ignore_index: int, hard: bool,
                backend: str) -> tuple[Tensor, Tensor]:
     params = KernelParams(temperature, divergence, beta, ignore_index, hard)
-    return backend_module(backend).kd_forward(student, teacher, labels, grad, coefs, params)
+    return registry.backend(backend).kd_forward(student, teacher, labels, grad, coefs, params)
 
 
 @kd_forward.register_fake
@@ -41,7 +41,7 @@ def sparse_kd_forward(student: Tensor, ids: Tensor, logprobs: Tensor, labels: Op
                       tail: int, mass_tolerance: float, ignore_index: int, hard: bool,
                       backend: str) -> tuple[Tensor, Tensor]:
     params = SparseKernelParams(temperature, divergence, beta, tail, mass_tolerance, ignore_index, hard)
-    return backend_module(backend).sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params)
+    return registry.backend(backend).sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params)
 
 
 @sparse_kd_forward.register_fake
@@ -57,7 +57,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, backend: str) -> None:
     """grad *= grad_output, a scalar or one value per row of the (B, M, V) grad; on a GPU by the
     backend that computed grad when it can (see kdfast.backends), which avoids a host sync.
     On the CPU a sync is free and torch's multiply rounds exactly as the reference does."""
-    device_scale = getattr(backend_module(backend), "scale_grad_", None) if grad.device.type != "cpu" else None
+    device_scale = registry.backend(backend).scale_grad_ if grad.device.type != "cpu" else None
     if grad_output.numel() != 1:
         grad.mul_(grad_output.view(grad.shape[0], grad.shape[1], 1))
     elif device_scale is not None:
@@ -76,7 +76,7 @@ def _(grad, grad_output, backend):
 def gradient_buffer(student: Tensor, backend: str) -> Tensor:
     """A contiguous buffer for the student's gradient, recycled by the backend when it can."""
     if not torch.compiler.is_compiling():  # a compiled graph allocates its own
-        recycle = getattr(backend_module(backend), "gradient_buffer", None)
+        recycle = registry.backend(backend).gradient_buffer
         if recycle is not None:
             return recycle(student)
     return torch.empty_like(student, memory_format=torch.contiguous_format)

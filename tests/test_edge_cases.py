@@ -115,7 +115,7 @@ def test_out_of_range_labels_give_nan_rows_in_the_kernels(gen, backend, device, 
     """The Python layer rejects such labels only for CPU tensors (a GPU check would sync); the
     kernels themselves make those rows NaN, loss and gradient, even without the hard term."""
     from kdfast.backends import DIVERGENCE_CODES, KernelParams
-    from kdfast.backends.registry import backend_module
+    from kdfast.backends import registry
 
     vocab = 37
     s, t = make_logits(gen, (1, 6, vocab), torch.float32, device)
@@ -124,7 +124,7 @@ def test_out_of_range_labels_give_nan_rows_in_the_kernels(gen, backend, device, 
     grad = torch.empty_like(s)
     coefs = torch.tensor([0.7, 0.3 if hard else 0.0], device=device)
     params = KernelParams(1.5, DIVERGENCE_CODES[divergence], 0.4, -100, hard)
-    kd, ce = backend_module(backend).kd_forward(s, t, labels, grad, coefs, params)
+    kd, ce = registry.backend(backend).kd_forward(s, t, labels, grad, coefs, params)
     assert kd[bad].isnan().all() and torch.isfinite(kd[good]).all() and (kd[ignored] == 0).all()
     assert ce[bad].isnan().all() if hard else (ce[bad] == 0).all()
     assert torch.isfinite(ce[good]).all() and (ce[ignored] == 0).all()

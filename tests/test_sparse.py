@@ -10,10 +10,10 @@ from conftest import interpreted, runnable_backends
 from helpers import make_inputs, make_labels, make_logits, rel_err
 
 import kdfast
-from kdfast.backends.registry import backend_module
+from kdfast.backends import registry
 from kdfast.reference import sparse_kd_loss_reference
 
-BACKENDS = [(b, d) for b, d in runnable_backends() if hasattr(backend_module(b), "sparse_kd_forward")]
+BACKENDS = [(b, d) for b, d in runnable_backends() if registry.backend(b).sparse_kd_forward is not None]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # A bf16/fp16 gradient is rounded when stored and again when backward scales it: at most a unit
 # of its last place per entry in all, a bound on the relative L2 error however few entries dominate.
@@ -184,7 +184,7 @@ def test_out_of_range_ids_make_nan_rows_in_the_kernel(gen, backend, device):
     params = SparseKernelParams(1.0, 0, 0.5, 0, 1e-4, -100, False)
     coefs = torch.tensor([1.0, 0.0], device=device)
     grad = torch.empty_like(s)
-    kd, _ = backend_module(backend).sparse_kd_forward(s, ids.to(device), logprobs.to(device), None, grad, coefs,
+    kd, _ = registry.backend(backend).sparse_kd_forward(s, ids.to(device), logprobs.to(device), None, grad, coefs,
                                                       params)
     assert math.isnan(kd[1].item()) and torch.isfinite(kd[[0, 2]]).all()
     assert torch.isnan(grad[0, 1]).all() and torch.isfinite(grad[0, [0, 2]]).all()

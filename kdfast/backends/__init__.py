@@ -1,11 +1,12 @@
 """The contract every kdfast backend implements.
 
-A backend module exposes
+A backend is one module here that ends with ``BACKEND = Backend(...)`` (the record below),
+and one line in ``registry.BACKEND_MODULES``. Its record holds:
 
+``name``, ``device_types`` and ``dtypes``
+    its name, the tensor device types (None: any) and the logit dtypes it accepts.
 ``unavailable_reason() -> str | None``
     why it cannot run in this process (``None`` when it can); cached, may build an extension.
-``DEVICE_TYPES`` and ``DTYPES``
-    the tensor device types and logit dtypes it accepts.
 ``kd_forward(student, teacher, labels, grad, coefs, params) -> (kd_rows, ce_rows)``
     ``student`` and ``teacher`` are (B, M, V) views with unit stride along V (any other
     strides); ``labels`` is a contiguous int64 (B*M,) tensor or None; ``grad`` is None
@@ -19,6 +20,10 @@ A backend module exposes
     ``ignore_index`` nor in [0, V), with or without ``params.hard`` (the loss, the
     cross-entropy when hard, and the gradient row): labels decide which rows count, and on
     a GPU they cannot be checked on the host without a sync.
+``sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params)`` (optional)
+    the sparse-teacher loss (kdfast.sparse), the same contract with (B*M, K) teacher ids and
+    log-probabilities in place of the teacher logits; ``kernel_unavailable_reason(kernel)``
+    says when a kernel built on its own cannot run though the backend can.
 ``gradient_buffer(student) -> Tensor`` and ``empty_cache()`` (optional)
     a contiguous buffer of the student's shape and dtype for ``grad``, which the backend
     may recycle once no tensor refers to it, and the release of what it keeps; backends
@@ -34,7 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -100,3 +106,30 @@ class SparseKernelParams(NamedTuple):
     mass_tolerance: float  # a teacher tail 1 - sum(q) at most this is no tail: rounding of the log-probs
     ignore_index: int
     hard: bool
+
+
+def _always_available(kernel: str) -> Optional[str]:
+    return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's record (see the module docstring for each field's contract)."""
+
+    name: str
+    device_types: Optional[tuple[str, ...]]  # None: any device torch supports
+    dtypes: tuple[torch.dtype, ...]
+    unavailable_reason: Callable[[], Optional[str]]
+    kd_forward: Callable
+    sparse_kd_forward: Optional[Callable] = None
+    kernel_unavailable_reason: Callable[[str], Optional[str]] = _always_available
+    gradient_buffer: Optional[Callable] = None
+    empty_cache: Optional[Callable] = None
+    scale_grad_: Optional[Callable] = None
+
+    def kernel(self, name: str) -> Optional[Callable]:
+        """The kernel called ``name`` (one of KERNELS), or None if this backend lacks it."""
+        return {"kd_forward": self.kd_forward, "sparse_kd_forward": self.sparse_kd_forward}[name]
+
+
+KERNELS = ("kd_forward", "sparse_kd_forward")

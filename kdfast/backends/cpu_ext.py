@@ -9,11 +9,7 @@ import functools
 import torch
 
 from .._build import build_failure, cpu_capability_flags, load_extension
-from . import KernelParams, SparseKernelParams
-
-DEVICE_TYPES = ("cpu",)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from . import Backend, KernelParams, SparseKernelParams
 
 def _build(name: str, source: str):
     variant, isa_flags = cpu_capability_flags()
@@ -66,3 +62,8 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
 
 def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params: SparseKernelParams):
     return _sparse_extension().sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, *params)
+
+
+BACKEND = Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16, torch.float16), unavailable_reason, kd_forward,
+                  sparse_kd_forward=sparse_kd_forward, kernel_unavailable_reason=kernel_unavailable_reason,
+                  gradient_buffer=gradient_buffer, empty_cache=empty_cache)

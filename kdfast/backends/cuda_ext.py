@@ -13,11 +13,7 @@ from pathlib import Path
 import torch
 
 from .._build import build_failure, cuda_jit_flags, load_extension
-from . import KernelParams
-
-DEVICE_TYPES = ("cuda",)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
+from . import Backend, KernelParams
 
 @functools.cache
 def _extension():
@@ -56,3 +52,7 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
 def scale_grad_(grad, grad_output):
     """grad *= grad_output (one value), read on the device: no sync, and no pass over grad when it is 1."""
     _extension().scale_grad_(grad, grad_output)
+
+
+BACKEND = Backend("cuda", ("cuda",), (torch.float32, torch.bfloat16, torch.float16), unavailable_reason, kd_forward,
+                  scale_grad_=scale_grad_)

@@ -12,21 +12,22 @@ answer depends on it), and the measurements recorded here.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 import warnings
-from types import ModuleType
 from typing import NamedTuple
 
 import torch
 
-_MODULES = {
+from . import Backend
+
+# Each backend's module, imported on first use (Triton and the extensions are optional, and slow to load).
+BACKEND_MODULES = {
     "triton": "kdfast.backends.triton_kernels",
     "cuda": "kdfast.backends.cuda_ext",
     "cpu": "kdfast.backends.cpu_ext",
     "torch": "kdfast.backends.torch_fallback",
 }
-BACKENDS = tuple(_MODULES)
+BACKENDS = tuple(BACKEND_MODULES)
 
 
 class BackendStatus(NamedTuple):
@@ -37,35 +38,27 @@ class BackendStatus(NamedTuple):
         return f"{'available' if self.available else 'unavailable'}: {self.reason}"
 
 
-def backend_module(name: str) -> ModuleType:
-    return importlib.import_module(_MODULES[name])
+def backend(name: str) -> Backend:
+    """The record of backend ``name`` (its module's BACKEND)."""
+    return importlib.import_module(BACKEND_MODULES[name]).BACKEND
 
 
 def unavailable_reason(name: str) -> str | None:
     try:
-        module = backend_module(name)
+        record = backend(name)
     except ImportError as exc:
         return f"{exc.name or exc} is not installed"
-    return module.unavailable_reason()
+    return record.unavailable_reason()
 
 
 def kernel_unavailable_reason(name: str, kernel: str) -> str | None:
     """Why backend ``name``, available, cannot run ``kernel`` here (None when it can): it has no such
     kernel, or it builds that kernel separately (its optional ``kernel_unavailable_reason``) and the
     build failed."""
-    module = backend_module(name)
-    if not hasattr(module, kernel):
+    record = backend(name)
+    if record.kernel(kernel) is None:
         return f"backend={name!r} has no {kernel} kernel"
-    check = getattr(module, "kernel_unavailable_reason", None)
-    return None if check is None else check(kernel)
-
-
-def _device_types(name: str) -> tuple[str, ...] | None:
-    types = backend_module(name).DEVICE_TYPES
-    # Triton's interpreter runs its kernels on CPU tensors (used by the CPU test-suite).
-    if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
-        types = (*types, "cpu")
-    return types
+    return record.kernel_unavailable_reason(kernel)
 
 
 def available_backends() -> dict[str, BackendStatus]:
@@ -74,7 +67,7 @@ def available_backends() -> dict[str, BackendStatus]:
     for name in BACKENDS:
         reason = unavailable_reason(name)
         if reason is None:
-            types = _device_types(name)
+            types = backend(name).device_types
             runs_on = "any device" if types is None else " and ".join(f"{t} tensors" for t in types)
             status[name] = BackendStatus(True, f"runs on {runs_on}")
         else:
@@ -86,11 +79,10 @@ def empty_cache() -> None:
     """Releases the buffers backends keep between calls for reuse (the cpu backend keeps the
     last gradient buffer, as torch's CUDA allocator keeps freed blocks); the next call
     allocates afresh. Memory still in use is not affected."""
-    for module_name in _MODULES.values():
+    for module_name in BACKEND_MODULES.values():
         module = sys.modules.get(module_name)  # a backend never imported keeps nothing
-        release = getattr(module, "empty_cache", None)
-        if release is not None:
-            release()
+        if module is not None and module.BACKEND.empty_cache is not None:
+            module.BACKEND.empty_cache()
 
 
 _warned_fallback = False
@@ -100,7 +92,7 @@ def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...], kernel: str) ->
     global _warned_fallback
     candidates = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}.get(device.type, ())
     for name in candidates:
-        if unavailable_reason(name) is None and all(d in backend_module(name).DTYPES for d in dtypes) \
+        if unavailable_reason(name) is None and all(d in backend(name).dtypes for d in dtypes) \
                 and kernel_unavailable_reason(name, kernel) is None:
             return name
     if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback:
@@ -122,19 +114,19 @@ def resolve_backend(requested: str, device: torch.device, dtypes: tuple[torch.dt
     reason = unavailable_reason(requested)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} is unavailable: {reason}")
-    module = backend_module(requested)
-    if not hasattr(module, kernel):
+    record = backend(requested)
+    if record.kernel(kernel) is None:
         raise ValueError(f"backend={requested!r} has no {kernel} kernel; use backend='auto'")
-    reason = kernel_unavailable_reason(requested, kernel)
+    reason = record.kernel_unavailable_reason(kernel)
     if reason is not None:
         raise RuntimeError(f"backend={requested!r} cannot run {kernel}: {reason}")
-    types = _device_types(requested)
+    types = record.device_types
     if types is not None and device.type not in types:
         raise ValueError(f"backend={requested!r} runs on {' or '.join(types)} tensors, but the logits are on "
                          f"{device}; use backend='auto'")
     for dtype in dtypes:
-        if dtype not in module.DTYPES:
-            names = ", ".join(str(d).removeprefix("torch.") for d in module.DTYPES)
+        if dtype not in record.dtypes:
+            names = ", ".join(str(d).removeprefix("torch.") for d in record.dtypes)
             raise ValueError(f"backend={requested!r} takes logits of dtype {names}, got {dtype}; "
                              "float64 logits run on backend='torch'")
     return requested

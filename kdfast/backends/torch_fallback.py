@@ -11,10 +11,8 @@ import math
 
 import torch
 
-from . import FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, KernelParams, compute_dtype, jsd_weights
+from . import FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, Backend, KernelParams, compute_dtype, jsd_weights
 
-DEVICE_TYPES = None  # any device torch supports
-DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 CHUNK_ELEMENTS = 1 << 21  # elements per temporary; about eight temporaries are alive at once
 
 
@@ -242,3 +240,7 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
             if grad is not None:
                 grad[b, m0:m1] = g
     return kd_rows, ce_rows
+
+
+BACKEND = Backend("torch", None, (torch.float32, torch.bfloat16, torch.float16, torch.float64), unavailable_reason,
+                  kd_forward, sparse_kd_forward=sparse_kd_forward)

@@ -23,13 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FORWARD_KL, JSD, REVERSE_KL, KernelParams, jsd_weights, on_device_of
-from .triton_sparse import _expm1, _log1p, sparse_kd_forward  # noqa: F401  (sparse_kd_forward: the sparse kernel)
+from . import FORWARD_KL, JSD, REVERSE_KL, Backend, KernelParams, jsd_weights, on_device_of
+from .triton_sparse import _expm1, _log1p, sparse_kd_forward
 
 assert (FORWARD_KL, REVERSE_KL, JSD) == (0, 1, 2)  # the DIVERGENCE codes the kernel tests for
-
-DEVICE_TYPES = ("cuda",)
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @functools.cache
@@ -297,3 +294,9 @@ def scale_grad_(grad, grad_output) -> None:
     with on_device_of(grad):
         _scale_rows_kernel[grid](grad, grad_output.float().contiguous(), rows_per_batch, grad.stride(0),
                                  grad.stride(1), vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)
+
+
+# Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: the CPU test-suite's way in.
+BACKEND = Backend("triton", ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
+                  (torch.float32, torch.bfloat16, torch.float16), unavailable_reason, kd_forward,
+                  sparse_kd_forward=sparse_kd_forward, scale_grad_=scale_grad_)
