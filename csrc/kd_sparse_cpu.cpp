@@ -36,6 +36,7 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kLanes = Vec::size();
 constexpr int64_t kBlock = 512;  // entries per block of sweep 1 (a multiple of kLanes), as in kd_cpu.cpp
+constexpr int64_t kPrefetchBytes = 1024;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
@@ -129,23 +130,23 @@ struct DoubleSum {
 #endif
 };
 
-// Writes src[0:n] as fp32 into dst[0:kBlock], padded with -inf, and returns the block maximum
-// (NaN if any entry is NaN).
+// The maximum of a block of kBlock entries (NaN if any entry is NaN).
 template <typename T>
-float stage_block(const T* src, int64_t n, float* dst) {
+float block_max(const T* x) {
   Vec vmax(-kInf);
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const Vec x = load_float(src + i);
-    x.store(dst + i);
-    vmax = at::vec::maximum(vmax, x);
-  }
-  if (i < kBlock) {
-    for (int64_t j = i; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-    for (int64_t j = n; j < kBlock; ++j) dst[j] = -kInf;
-    for (; i < kBlock; i += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(dst + i));
+  for (int64_t i = 0; i < kBlock; i += kLanes) {
+    // Rows start at new pages, where the hardware prefetcher stalls: run ahead of it (as kd_cpu.cpp).
+    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetchBytes);
+    vmax = at::vec::maximum(vmax, load_float(x + i));
   }
   return hmax(vmax);
+}
+
+// Writes src[0:n] as fp32 into dst[0:kBlock], padded with -inf: the row's last, partial block.
+template <typename T>
+void stage_partial(const T* src, int64_t n, float* dst) {
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  std::fill(dst + n, dst + kBlock, -kInf);
 }
 
 // Rows of a (B, M, V) tensor whose last dimension has unit stride.
@@ -173,37 +174,52 @@ struct Scratch {
         z(p.n_blocks), z_ids(p.n_blocks), z1(p.n_blocks), scale(p.n_blocks) {}
 };
 
+// The exponentials of one block against its shift, into e (and e1), and their sums.
+template <bool HARD, typename T>
+void block_exps(const T* x, float shift, const Vec& inv_temp, float* e, float* e1, double& z, double& z1) {
+  const Vec vshift(shift);
+  DoubleSum sum;
+  Vec sum1(0.f);
+  for (int64_t i = 0; i < kBlock; i += kLanes) {
+    const Vec d = load_float(x + i) - vshift;
+    const Vec ei = (d * inv_temp).exp_u20();
+    ei.store(e + i);
+    sum.add(ei);
+    if constexpr (HARD) {
+      const Vec e1i = d.exp_u20();
+      e1i.store(e1 + i);
+      sum1 += e1i;
+    }
+  }
+  z = sum.sum();
+  z1 = hsum(sum1);
+}
+
 // Sweep 1; returns the row maximum (NaN for a row with NaN or +inf, -inf for a row all -inf).
+// A block is read twice, the second time from L1.
 template <bool HARD, typename S>
 float sweep(const S* s_row, Scratch& sc, const Params& p) {
   const Vec inv_temp(static_cast<float>(p.inv_temperature));
   float shift = 0;  // the running maximum; 0 while the row is all -inf so far
   bool seen = false;
   for (int64_t blk = 0; blk < p.n_blocks; ++blk) {
+    const S* x = s_row + blk * kBlock;
     float* e = sc.e.data() + blk * kBlock;
-    const float block_max = stage_block(s_row + blk * kBlock, std::min(kBlock, p.vocab - blk * kBlock), e);
-    if (std::isnan(block_max) || block_max == kInf) return std::numeric_limits<float>::quiet_NaN();
-    if (block_max != -kInf && (!seen || block_max > shift)) {
-      shift = block_max;
+    float* e1 = HARD ? sc.e1.data() + blk * kBlock : nullptr;
+    const int64_t n = std::min(kBlock, p.vocab - blk * kBlock);
+    if (n < kBlock) stage_partial(x, n, e);
+    const float max = n < kBlock ? block_max(e) : block_max(x);
+    if (std::isnan(max) || max == kInf) return std::numeric_limits<float>::quiet_NaN();
+    if (max != -kInf && (!seen || max > shift)) {
+      shift = max;
       seen = true;
     }
     sc.shift[blk] = seen ? shift : -kInf;
-    const Vec vshift(shift);
-    DoubleSum z;
-    Vec z1(0.f);
-    for (int64_t i = 0; i < kBlock; i += kLanes) {
-      const Vec d = Vec::loadu(e + i) - vshift;
-      const Vec ei = (d * inv_temp).exp_u20();
-      ei.store(e + i);
-      z.add(ei);
-      if constexpr (HARD) {
-        const Vec e1 = d.exp_u20();
-        e1.store(sc.e1.data() + blk * kBlock + i);
-        z1 += e1;
-      }
+    if (n < kBlock) {
+      block_exps<HARD>(e, shift, inv_temp, e, e1, sc.z[blk], sc.z1[blk]);
+    } else {
+      block_exps<HARD>(x, shift, inv_temp, e, e1, sc.z[blk], sc.z1[blk]);
     }
-    sc.z[blk] = z.sum();
-    sc.z1[blk] = hsum(z1);
   }
   return seen ? shift : -kInf;
 }
