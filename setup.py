@@ -32,15 +32,16 @@ def extensions():
 
     from torch.utils import cpp_extension
 
-    spec = importlib.util.spec_from_file_location("kdfast_build", ROOT / "kdfast" / "_build.py")
+    spec = importlib.util.spec_from_file_location("kdfast_build", ROOT / "kdfast" / "backends" / "build.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     modules = []
     if os.environ.get("KDFAST_BUILD_EXT") == "1":
         variant, isa_flags = build.cpu_capability_flags()
-        modules.append(cpp_extension.CppExtension(
-            f"kdfast._kd_cpu_{variant}", ["csrc/kd_cpu.cpp"],
-            extra_compile_args=["-O3", "-fopenmp", *isa_flags], extra_link_args=["-fopenmp"]))
+        for name, source in (("_kd_cpu", "kd_cpu.cpp"), ("_kd_sparse_cpu", "kd_sparse_cpu.cpp")):
+            modules.append(cpp_extension.CppExtension(
+                f"kdfast.{name}_{variant}", [f"csrc/{source}"],
+                extra_compile_args=["-O3", "-fopenmp", *isa_flags], extra_link_args=["-fopenmp"]))
     if os.environ.get("KDFAST_BUILD_CUDA") == "1":
         modules.append(cpp_extension.CUDAExtension(
             "kdfast._kd_cuda", ["csrc/kd_cuda_binding.cpp", "csrc/kd_cuda.cu"],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
-from kdfast._build import CUDA_COMMON_FLAGS
+from kdfast.backends.build import CUDA_COMMON_FLAGS
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NVCC = shutil.which("nvcc")

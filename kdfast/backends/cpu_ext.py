@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from .._build import build_failure, cpu_capability_flags, load_extension
+from .build import build_failure, cpu_capability_flags, load_extension
 from . import Backend, KernelParams, SparseKernelParams
 
 def _build(name: str, source: str):

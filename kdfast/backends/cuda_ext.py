@@ -2,7 +2,7 @@
 
 It is taken from the module built at install time (``KDFAST_BUILD_CUDA=1 pip install
 --no-build-isolation .``), else JIT-built with nvcc and ninja on first use, for the GPU
-in use, and cached (see kdfast._build).
+in use, and cached (see kdfast.backends.build).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .._build import build_failure, cuda_jit_flags, load_extension
+from .build import build_failure, cuda_jit_flags, load_extension
 from . import Backend, KernelParams
 
 @functools.cache

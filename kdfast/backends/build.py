@@ -19,8 +19,9 @@ import torch
 
 def source_dir() -> Path:
     """The C++/CUDA sources: packaged beside the module, or the repository's csrc/."""
-    packaged = Path(__file__).resolve().parent / "_csrc"
-    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "csrc"
+    package = Path(__file__).resolve().parent.parent
+    packaged = package / "_csrc"
+    return packaged if packaged.is_dir() else package.parent / "csrc"
 
 
 def cache_dir() -> Path:
