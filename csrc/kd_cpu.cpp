@@ -506,6 +506,10 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfast: fused knowledge-distillation loss, CPU kernel";
+  // Checked against kdfast.backends.DIVERGENCE_CODES when the extension loads.
+  m.attr("DIVERGENCE_CODES") = py::dict(py::arg("forward_kl") = static_cast<int64_t>(kForwardKL),
+                                        py::arg("reverse_kl") = static_cast<int64_t>(kReverseKL),
+                                        py::arg("jsd") = static_cast<int64_t>(kJSD));
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("ignore_index"), py::arg("hard"),

@@ -2,9 +2,14 @@
 integrations use the public loss API only, and no import inside kdfast goes back up a layer."""
 
 import ast
+import types
 from pathlib import Path
 
+import pytest
+
 import kdfast
+from kdfast.backends import DIVERGENCE_CODES
+from kdfast.backends.build import check_codes
 
 PACKAGE = Path(kdfast.__file__).resolve().parent
 
@@ -64,3 +69,15 @@ def test_no_import_cycle_inside_the_package():
 
     for name in sorted(graph):
         visit(name)
+
+
+def test_compiled_divergence_codes_match_python():
+    if not kdfast.available_backends()["cpu"].available:
+        pytest.skip("the C++ extension cannot be built here")
+    from kdfast.backends import cpu_ext
+
+    assert cpu_ext._extension().DIVERGENCE_CODES == DIVERGENCE_CODES
+    swapped = types.ModuleType("fake_extension")
+    swapped.DIVERGENCE_CODES = {"forward_kl": 1, "reverse_kl": 0, "jsd": 2}
+    with pytest.raises(RuntimeError, match="fake_extension.DIVERGENCE_CODES .* differs from kdfast's"):
+        check_codes(swapped, "DIVERGENCE_CODES", DIVERGENCE_CODES)

@@ -91,6 +91,15 @@ def load_extension(name: str, sources: list[str], *, cflags: list[str], ldflags:
     )
 
 
+def check_codes(extension, name: str, expected: dict[str, int]) -> None:
+    """Refuses an extension whose compiled-in codes (its attribute ``name``) differ from Python's:
+    a mismatch would compute another divergence than the one asked for."""
+    compiled = dict(getattr(extension, name, {}))
+    if compiled != expected:
+        raise RuntimeError(f"{extension.__name__}.{name} = {compiled} differs from kdfast's {expected}: "
+                           "the C++ sources and kdfast/backends/__init__.py disagree")
+
+
 def build_failure(what: str, exc: Exception) -> str:
     """A one-line reason for available_backends() from a failed build (the compiler's last line)."""
     lines = str(exc).strip().splitlines()

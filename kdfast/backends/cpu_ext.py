@@ -8,8 +8,8 @@ import functools
 
 import torch
 
-from .build import build_failure, cpu_capability_flags, load_extension
-from . import Backend, KernelParams, SparseKernelParams
+from . import DIVERGENCE_CODES, Backend, KernelParams, SparseKernelParams
+from .build import build_failure, check_codes, cpu_capability_flags, load_extension
 
 def _build(name: str, source: str):
     variant, isa_flags = cpu_capability_flags()
@@ -19,7 +19,9 @@ def _build(name: str, source: str):
 
 @functools.cache
 def _extension():
-    return _build("_kd_cpu", "kd_cpu.cpp")
+    extension = _build("_kd_cpu", "kd_cpu.cpp")
+    check_codes(extension, "DIVERGENCE_CODES", DIVERGENCE_CODES)
+    return extension
 
 
 @functools.cache

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import torch
 
-from .build import build_failure, cuda_jit_flags, load_extension
-from . import Backend, KernelParams
+from . import DIVERGENCE_CODES, Backend, KernelParams
+from .build import build_failure, check_codes, cuda_jit_flags, load_extension
 
 @functools.cache
 def _extension():
-    return load_extension("_kd_cuda", ["kd_cuda_binding.cpp", "kd_cuda.cu"],
+    extension = load_extension("_kd_cuda", ["kd_cuda_binding.cpp", "kd_cuda.cu"],
                           headers=["kd_cuda.h", "kd_binding_checks.h"], cflags=["-O3"],
                           cuda_cflags=cuda_jit_flags(torch.cuda.get_device_capability()))
+    check_codes(extension, "DIVERGENCE_CODES", DIVERGENCE_CODES)
+    return extension
 
 
 def _nvcc_missing() -> bool:
