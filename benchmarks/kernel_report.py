@@ -5,7 +5,7 @@ count from the SASS: what costs no device time to know before a GPU run.
     python -m benchmarks.kernel_report           # the table
     python -m benchmarks.kernel_report --check   # every variant compiles, 128-bit accesses, no spills
 
-tests/test_triton_compile.py runs --check in CI (in a process without TRITON_INTERPRET,
+tests/backends/test_triton_compile.py runs --check in CI (in a process without TRITON_INTERPRET,
 which would make the kernels interpreted ones): the interpreter accepts code that the GPU
 compiler rejects.
 """

@@ -14,7 +14,7 @@ python3 -c "import kdfast; print(kdfast.available_backends())" | tee -a "$OUT/gp
 
 # Correctness first: every GPU backend (triton, cuda, torch on cuda tensors).
 timeout 240 python3 -m pytest -q -p no:cacheprovider -k cuda \
-    tests/test_gpu.py tests/test_correctness.py tests/test_edge_cases.py tests/test_fused_linear.py \
+    tests/backends/test_gpu.py tests/loss/test_correctness.py tests/loss/test_edge_cases.py tests/loss/test_fused_linear.py \
     > "$OUT/tests.log" 2>&1
 echo "tests: $(tail -1 "$OUT/tests.log")"
 

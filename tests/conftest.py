@@ -36,21 +36,3 @@ def gen(request) -> torch.Generator:
     """A generator seeded by the run's seed and the test's id: fresh inputs each run, replayable."""
     return torch.Generator().manual_seed(_test_seed(request))
 
-
-def runnable_backends():
-    """(backend, device) pairs that work in this process."""
-    status = kdfast.available_backends()
-    pairs = []
-    for name in ("torch", "cpu", "triton", "cuda"):
-        if not status[name].available:
-            continue
-        if name in ("torch", "cpu") or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
-            pairs.append((name, "cpu"))
-        if name != "cpu" and torch.cuda.is_available():
-            pairs.append((name, "cuda"))
-    return pairs
-
-
-def interpreted(backend: str, device: str) -> bool:
-    """Triton's interpreter is slow: such tests use small shapes."""
-    return backend == "triton" and device == "cpu"

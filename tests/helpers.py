@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import kdfast
@@ -84,3 +86,22 @@ def make_inputs(gen, n, hs, ht, vocab, teacher_vocab=None, dtype=torch.float32, 
     return dict(student_hidden=randn(n, hs), student_weight=randn(vocab, hs, scale=3 / hs**0.5),
                 teacher_hidden=randn(n, ht), teacher_weight=randn(teacher_vocab, ht, scale=3 / ht**0.5),
                 student_bias=randn(vocab, scale=0.5), teacher_bias=randn(teacher_vocab, scale=0.5))
+
+
+def runnable_backends():
+    """(backend, device) pairs that work in this process."""
+    status = kdfast.available_backends()
+    pairs = []
+    for name in ("torch", "cpu", "triton", "cuda"):
+        if not status[name].available:
+            continue
+        if name in ("torch", "cpu") or (name == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+            pairs.append((name, "cpu"))
+        if name != "cpu" and torch.cuda.is_available():
+            pairs.append((name, "cuda"))
+    return pairs
+
+
+def interpreted(backend: str, device: str) -> bool:
+    """Triton's interpreter is slow: such tests use small shapes."""
+    return backend == "triton" and device == "cpu"

@@ -12,7 +12,7 @@ from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 from kdfast.backends.build import CUDA_COMMON_FLAGS
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
 NVCC = shutil.which("nvcc")
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: install the CUDA toolkit to compile "
                                                      "the CUDA sources")

@@ -17,7 +17,7 @@ from kdfast.train.data import save_tokens
 from kdfast.train.models import GPT, GPTConfig
 from kdfast.train.trainer import TrainConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 DISTILL_YAML = """\
 data: {{train_tokens: {dir}/train.npy, eval_tokens: {dir}/eval.npy, vocab_size: 48, context: {context}}}

@@ -18,5 +18,5 @@ pytest.importorskip("triton")
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-m", "benchmarks.kernel_report", "--check"], env=env,
-                            cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+                            cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr

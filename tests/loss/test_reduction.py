@@ -3,8 +3,8 @@ step) and expected_grad_output (a known backward scale folded into the gradient 
 
 import pytest
 import torch
-from conftest import runnable_backends
-from helpers import make_inputs, make_labels, make_logits
+
+from helpers import make_inputs, make_labels, make_logits, runnable_backends
 
 import kdfast
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import interpreted, runnable_backends
-from helpers import make_labels, make_logits, run_and_compare
+
+from helpers import interpreted, make_labels, make_logits, run_and_compare, runnable_backends
 
 import kdfast
 

@@ -1,7 +1,7 @@
 """A tiny distillation run in its own process, for the kill-and-resume and the DDP tests.
 
-    python tests/trainer_worker.py OUT_DIR [--batch-size B] [--hang-at STEP]
-    torchrun --standalone --nproc_per_node 2 tests/trainer_worker.py OUT_DIR --batch-size B
+    python tests/train/trainer_worker.py OUT_DIR [--batch-size B] [--hang-at STEP]
+    torchrun --standalone --nproc_per_node 2 tests/train/trainer_worker.py OUT_DIR --batch-size B
 
 Trains for STEPS steps, checkpointing every 2, then writes each rank's final weights to
 OUT_DIR/rank{R}.pt. --hang-at STEP prints "checkpointed STEP" once that checkpoint is on
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
 
 from helpers_trainer import make_pair, markov_tokens  # noqa: E402
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from conftest import runnable_backends
-from helpers import make_labels, make_logits, rel_err, run_and_compare
+
+from helpers import make_labels, make_logits, rel_err, run_and_compare, runnable_backends
 
 import kdfast
 from kdfast.reference import kd_loss_reference

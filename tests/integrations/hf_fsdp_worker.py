@@ -1,6 +1,6 @@
 """KDTrainer on a student that FSDP2 (``fully_shard``) shards after the trainer is built, in 2 gloo processes:
 
-    torchrun --standalone --nproc_per_node 2 tests/hf_fsdp_worker.py OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/integrations/hf_fsdp_worker.py OUT_DIR
 
 As with the Hugging Face Trainer's FSDP, the model given to KDTrainer is sharded later and
 compute_loss receives the sharded one. The Trainer itself runs FSDP only on accelerators
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for the shared helpers
 
 from helpers_trainer import markov_tokens, tiny_llama  # noqa: E402
 from torch.distributed.fsdp import fully_shard  # noqa: E402

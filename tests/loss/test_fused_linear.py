@@ -3,8 +3,8 @@ the student's hidden states, lm_head weight and bias."""
 
 import pytest
 import torch
-from conftest import interpreted, runnable_backends
-from helpers import make_inputs, make_labels, rel_err
+
+from helpers import interpreted, make_inputs, make_labels, rel_err, runnable_backends
 
 import kdfast
 from kdfast.reference import kd_loss_reference

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import interpreted, runnable_backends
-from helpers import make_inputs, make_labels, make_logits, rel_err
+
+from helpers import interpreted, make_inputs, make_labels, make_logits, rel_err, runnable_backends
 
 import kdfast
 from kdfast.backends import registry
@@ -318,6 +318,18 @@ def test_ids_of_ignored_rows_are_checked_too():
     with pytest.raises(ValueError, match="found 99 in row 1"):
         kdfast.sparse_kd_loss(S, ids, LOGPROBS, labels=labels)
 
+
+
+@pytest.mark.parametrize("bad_row", [0, 255, 256, 700])
+def test_errors_name_the_row_of_the_call_whatever_block_checks_it(gen, bad_row):
+    s = torch.randn(800, 20, generator=gen)
+    ids, logprobs = kdfast.teacher_topk(torch.randn(800, 20, generator=gen), 4)
+    ids[bad_row, 1] = ids[bad_row, 2]
+    with pytest.raises(ValueError, match=f"teacher_ids repeats id {int(ids[bad_row, 1])} in row {bad_row}:"):
+        kdfast.sparse_kd_loss(s, ids, logprobs)
+    ids[bad_row, 1] = 20
+    with pytest.raises(ValueError, match=f"found 20 in row {bad_row}$"):
+        kdfast.sparse_kd_loss(s, ids, logprobs)
 
 def test_bf16_log_probs_get_a_bf16_tolerance():
     ids = torch.tensor([[1, 2]] * 4)
