@@ -90,31 +90,41 @@ def check_sparse_teacher(ids, logprobs, lead_shape: torch.Size, vocab: int, devi
     return ids, logprobs, tolerance
 
 
+CHECK_ROWS = 256  # rows checked at a time: the checks' temporaries stay small next to the gradient
+
+
 def _check_teacher_values(ids: Tensor, logprobs: Tensor, vocab: int, tolerance: float) -> None:
+    for start in range(0, ids.shape[0], CHECK_ROWS):
+        _check_teacher_rows(ids[start:start + CHECK_ROWS], logprobs[start:start + CHECK_ROWS], vocab, tolerance,
+                            start)
+
+
+def _check_teacher_rows(ids: Tensor, logprobs: Tensor, vocab: int, tolerance: float, first_row: int) -> None:
+    """The checks of _check_teacher_values on a block of rows; errors name the row in the whole call."""
     out_of_range = (ids < -1) | (ids >= vocab)
     if out_of_range.any():
-        row = _first_bad_row(out_of_range.any(-1))
+        i = _first_bad_row(out_of_range.any(-1))
         raise ValueError(f"teacher_ids must lie in [0, {vocab}) or be -1 (an empty slot); found "
-                         f"{int(ids[row][out_of_range[row]][0])} in row {row}")
+                         f"{int(ids[i][out_of_range[i]][0])} in row {first_row + i}")
     ordered = ids.sort(-1).values
     repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
     if repeated.any():
-        row = _first_bad_row(repeated.any(-1))
-        raise ValueError(f"teacher_ids repeats id {int(ordered[row, 1:][repeated[row]][0])} in row {row}: each id "
-                         "may appear once per row (teacher_sample merges repeated draws into counts)")
-    real = ids >= 0
-    lp = torch.where(real, logprobs.double(), -math.inf)
+        i = _first_bad_row(repeated.any(-1))
+        raise ValueError(f"teacher_ids repeats id {int(ordered[i, 1:][repeated[i]][0])} in row {first_row + i}: "
+                         "each id may appear once per row (teacher_sample merges repeated draws into counts)")
+    lp = torch.where(ids >= 0, logprobs.double(), -math.inf)
     if torch.isnan(lp).any():
-        raise ValueError(f"teacher_logprobs holds NaN in row {_first_bad_row(torch.isnan(lp).any(-1))}")
+        raise ValueError(f"teacher_logprobs holds NaN in row {first_row + _first_bad_row(torch.isnan(lp).any(-1))}")
     if (lp > tolerance).any():
-        row = _first_bad_row((lp > tolerance).any(-1))
-        raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0); found {float(lp[row].max()):.4g} in "
-                         f"row {row}: for logits pass log_softmax(teacher_logits / T) at the ids (teacher_topk)")
+        i = _first_bad_row((lp > tolerance).any(-1))
+        raise ValueError(f"teacher_logprobs must be log-probabilities (<= 0); found {float(lp[i].max()):.4g} in "
+                         f"row {first_row + i}: for logits pass log_softmax(teacher_logits / T) at the ids "
+                         "(teacher_topk)")
     mass = lp.exp().sum(-1)
     if (mass > 1 + tolerance).any():
-        row = _first_bad_row(mass > 1 + tolerance)
-        raise ValueError(f"the teacher's probabilities in row {row} sum to {float(mass[row]):.6g}, exceeding 1 by "
-                         f"{float(mass[row]) - 1:.3g} (tolerance {tolerance:g} for {logprobs.dtype}): are the "
+        i = _first_bad_row(mass > 1 + tolerance)
+        raise ValueError(f"the teacher's probabilities in row {first_row + i} sum to {float(mass[i]):.6g}, exceeding "
+                         f"1 by {float(mass[i]) - 1:.3g} (tolerance {tolerance:g} for {logprobs.dtype}): are the "
                          "log-probabilities at the loss's temperature, and the ids unique?")
 
 
