@@ -24,13 +24,21 @@ from triton.compiler import ASTSource
 import kdfast.backends.triton_kernels as tk
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-SIGNATURE = {
-    "s_ptr": "*bf16", "t_ptr": "*bf16", "g_ptr": "*bf16", "labels_ptr": "*i64", "coefs_ptr": "*fp32",
-    "kd_out_ptr": "*fp32", "ce_out_ptr": "*fp32", "rows_per_batch": "i32", "s_stride_b": "i32",
-    "s_stride_m": "i32", "t_stride_b": "i32", "t_stride_m": "i32", "g_stride_b": "i32", "g_stride_m": "i32",
-    "vocab": "i32", "inv_temp": "fp32", "beta": "fp32", "ignore_index": "i32", "DIVERGENCE": "constexpr",
-    "HARD": "constexpr", "HAS_LABELS": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK": "constexpr",
-}
+POINTER_TYPES = {"labels_ptr": "*i64", "coefs_ptr": "*fp32", "kd_out_ptr": "*fp32", "ce_out_ptr": "*fp32"}
+INT_ARGS = ("rows_per_batch", "vocab", "ignore_index")
+
+
+def kd_kernel_signature(dtype: str) -> dict[str, str]:
+    """The loss kernel's argument types, from its argument names: the logits pointers of ``dtype``,
+    the integers (sizes, strides, ignore_index) i32, constexprs (upper case) as such, the rest fp32."""
+    def kind(name: str) -> str:
+        if name.isupper():
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return POINTER_TYPES.get(name, f"*{dtype}")
+        return "i32" if name in INT_ARGS or "stride" in name else "fp32"
+
+    return {name: kind(name) for name in tk._kd_rows_kernel.arg_names}
 
 
 def compile_kd_kernel(divergence: int, block: int, num_warps: int, write_grad: bool = True, hard: bool = False,
@@ -42,7 +50,10 @@ def compile_kd_kernel(divergence: int, block: int, num_warps: int, write_grad: b
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     constexprs = {"DIVERGENCE": divergence, "HARD": hard, "HAS_LABELS": hard, "WRITE_GRAD": write_grad,
                   "BLOCK": block}
-    signature = {**SIGNATURE, "s_ptr": f"*{dtype}", "g_ptr": f"*{dtype}"}
+    signature = kd_kernel_signature(dtype)
+    # constexprs the caller does not vary (e.g. jsd's TEACHER_IS_A) take their launch-time default
+    constexprs.update({n: False for n, kind in signature.items() if kind == "constexpr" and n not in constexprs})
+    signature["t_ptr"] = "*bf16"  # the teacher stays bf16 in every variant
     source = ASTSource(fn=tk._kd_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
