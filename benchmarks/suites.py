@@ -19,7 +19,7 @@ VOCABS = (32000, 50257, 128256, 151936, 262144)
 ALL = ("*",)
 NO_COMPILE = ("kdfast-*", "classic", "eager", "liger-*")
 # Loss: fp32 math on the given inputs lands near 1e-6. Gradient: rounding it to bf16 alone costs
-# ~1e-3; 4e-3 is issue 3's bound. Fused linear in bf16: the logits are bf16 GEMM outputs, whose
+# ~1e-3; 4e-3 is the GPU suite's bound. Fused linear in bf16: the logits are bf16 GEMM outputs, whose
 # rounding moves every implementation ~1e-2 away from the float64 GEMMs of the same inputs.
 TOLERANCES = {
     ("logits", "fp32"): Tolerance(loss=1e-4, grad=1e-4),
@@ -86,7 +86,7 @@ def _cpu_core() -> Suite:
     kdfast = {"impl": "kdfast-cpu", "divergence": "forward_kl", "mode": "fwd+bwd"}
     return Suite(
         "cpu-core", "cpu",
-        "Issue 2, the CPU headline: N=2048, V=32000, T=2, forward+backward, fp32 and bf16, all divergences "
+        "The CPU headline: N=2048, V=32000, T=2, forward+backward, fp32 and bf16, all divergences "
         "(the bars on forward_kl), kdfast's fused CPU kernel against the peers, in one run.",
         _grid(2048, ("fp32", "bf16"), (32000,), modes=("fwd+bwd",),
               impls=("kdfast-cpu*", "classic", "eager", "compile")),
@@ -102,7 +102,7 @@ def _gpu_core() -> Suite:
     head = {"impl": "kdfast-triton", "v": 128256, "divergence": "forward_kl"}
     return Suite(
         "gpu-core", "cuda",
-        "Issue 3, the GPU headline: N=8192, V=128256, bf16, T=2, forward_kl forward+backward and forward; "
+        "The GPU headline: N=8192, V=128256, bf16, T=2, forward_kl forward+backward and forward; "
         "V=32000 and 262144, reverse_kl and jsd forward+backward.",
         (Case("logits", 8192, 128256, "bf16", divergences=("forward_kl",), impls=impls),
          Case("logits", 8192, 128256, "bf16", divergences=("reverse_kl", "jsd"), modes=("fwd+bwd",), impls=impls),
@@ -128,14 +128,14 @@ def _fused_linear(device: str) -> Suite:
         cases = tuple(Case("fused", n, 128256, "bf16", divergences=("forward_kl",), modes=("fwd+bwd",),
                            hs=2048, ht=4096) for n in (8192, 16384))
         return Suite("fused-linear", device,
-                     "Issue 5 on the GPU: N=8192 and 16384, Hs=2048, Ht=4096, V=128256, bf16, forward_kl, "
+                     "The fused linear loss on the GPU: N=8192 and 16384, Hs=2048, Ht=4096, V=128256, bf16, forward_kl, "
                      "forward+backward with gradients for the student's hidden states and weight; x floor is "
                      "against the GEMM floor at the matmul rate measured in the same run.",
                      cases, copy_mib=2048)
     kdfast = {"impl": "kdfast-fused", "divergence": "forward_kl", "mode": "fwd+bwd"}
     return Suite(
         "fused-linear", device,
-        "Issue 5 on the CPU: N=4096, Hs=Ht=512, V=32000, fp32, forward_kl, forward+backward.",
+        "The fused linear loss on the CPU: N=4096, Hs=Ht=512, V=32000, fp32, forward_kl, forward+backward.",
         (Case("fused", 4096, 32000, "fp32", divergences=("forward_kl",), modes=("fwd+bwd",), hs=512, ht=512),),
         bars=(Bar("peak extra memory <= 1/8 of matmuls + careful eager", kdfast, "mem_ratio:mm+eager", "<=", 1 / 8),
               Bar("time <= 1.1x matmuls + kd_loss on full logits", kdfast, "time_ratio:mm+kdfast", "<=", 1.1)),
@@ -156,7 +156,7 @@ def _sparse(device: str) -> Suite:
     if device == "cpu":
         return Suite(
             "sparse", "cpu",
-            "Issue 14 on the CPU: sparse_kd_loss (tail bucket, forward KL, T=2) forward+backward against a teacher's "
+            "Sparse teachers on the CPU: sparse_kd_loss (tail bucket, forward KL, T=2) forward+backward against a teacher's "
             "top-K float32 log-probabilities, K = 16, 64, 256, at N=2048, V=32000, fp32 and bf16 student logits, "
             "against a careful eager version of the same formula and its torch.compile in one run; then "
             "N=8192 and V=262144 at K=64 against careful eager.",
@@ -168,7 +168,7 @@ def _sparse(device: str) -> Suite:
     impls = ("kdfast-triton*", "kdfast-cuda*", "eager", "compile")
     return Suite(
         "sparse", "cuda",
-        "Issue 14 on the GPU: sparse_kd_loss (tail bucket, forward KL, T=2) forward+backward, N=8192, bf16 student "
+        "Sparse teachers on the GPU: sparse_kd_loss (tail bucket, forward KL, T=2) forward+backward, N=8192, bf16 student "
         "logits, a teacher's top-K float32 log-probabilities, K = 16, 64, 256 at V=32000 and 128256, K=64 at "
         "V=262144, against careful eager and its torch.compile; starts no cell after 5 minutes.",
         cases(8192, (32000, 128256), ("bf16",), (16, 64, 256), impls) + cases(8192, (262144,), ("bf16",), (64,), impls),
