@@ -44,6 +44,16 @@ def _consumable(x: Tensor, requires_grad: bool) -> tuple[Tensor, Tensor]:
     return leaf.clone(), leaf
 
 
+def _student_argument(values: Tensor, requires_grad: bool, fresh: bool) -> tuple[Tensor, list[Tensor]]:
+    """The student logits argument, and the tensors that get a gradient: with ``fresh`` (inplace_backward
+    overwrites the argument) a consumable copy of ``values``, else ``values`` as a leaf."""
+    if fresh:
+        student, leaf = _consumable(values, requires_grad)
+    else:
+        student = leaf = _leaf(values, requires_grad)
+    return student, [leaf] if requires_grad else []
+
+
 class LogitsProblem:
     """kd_loss(student_logits, teacher_logits): logits of spread 3 with the teacher a perturbed
     student (as in the tests), N x V each, in ``dtype``; the student is the one trainable input."""
@@ -63,11 +73,8 @@ class LogitsProblem:
 
     def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
         """(the loss function's tensor arguments, the ones that get a gradient)."""
-        if fresh:  # inplace_backward overwrites it
-            student, leaf = _consumable(self.student, requires_grad)
-        else:
-            student = leaf = _leaf(self.student, requires_grad)
-        return (student, self.teacher), [leaf] if requires_grad else []
+        student, leaves = _student_argument(self.student, requires_grad, fresh)
+        return (student, self.teacher), leaves
 
     def release(self) -> None:
         self.student.requires_grad_(False).grad = None
@@ -173,11 +180,8 @@ class SparseProblem:
         return {"problem": self.kind, "n": self.n, "v": self.v, "k": self.k, "dtype": self.dtype}
 
     def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
-        if fresh:  # inplace_backward overwrites it
-            student, leaf = _consumable(self.student, requires_grad)
-        else:
-            student = leaf = _leaf(self.student, requires_grad)
-        return (student, self.ids, self.logprobs), [leaf] if requires_grad else []
+        student, leaves = _student_argument(self.student, requires_grad, fresh)
+        return (student, self.ids, self.logprobs), leaves
 
     def release(self) -> None:
         self.student.requires_grad_(False).grad = None
