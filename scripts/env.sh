@@ -16,7 +16,7 @@ fi
 STAMP="$VENV/.kdfast-install-stamp"
 WANT=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
-    python -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,triton,demo,hf,bench]"
+    python -m pip install --quiet --disable-pip-version-check -e "$ROOT[test,triton,demo,hf,bench,trl]"
     echo "$WANT" > "$STAMP"
 fi
 cd "$ROOT"

@@ -1,5 +1,8 @@
 """kdfast inside TRL: GKDTrainer's loss against TRL's own, as a staticmethod and over training steps."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -7,23 +10,15 @@ trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'kdfa
 pytest.importorskip("transformers")
 
 from helpers_trainer import VOCAB, tiny_llama  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/ is not installed: from the checkout
+from benchmarks.trl_step import word_tokenizer  # noqa: E402
 
 import kdfast.integrations.trl as kdfast_trl  # noqa: E402
 from trl.experimental.gkd import GKDConfig  # noqa: E402
 from trl.experimental.gkd import GKDTrainer as TRLGKDTrainer  # noqa: E402
 
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
-
-
-def tokenizer():
-    """A word-level tokenizer over VOCAB tokens: GKDTrainer needs one for its pad and eos ids."""
-    import tokenizers
-
-    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(words, unk_token="<pad>"))
-    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=model, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -67,7 +62,7 @@ def run_steps(trainer_class, tmp_path, lmbda, steps, bf16=False, **kwargs):
                      logging_steps=1, report_to=[], save_strategy="no", lmbda=lmbda, beta=0.5, max_new_tokens=4,
                      use_cpu=True, seed=0, disable_dropout=True, bf16=bf16)
     trainer = trainer_class(model=student, teacher_model=teacher, args=args, train_dataset=dataset(8, seed=3),
-                            data_collator=collate, processing_class=tokenizer(), **kwargs)
+                            data_collator=collate, processing_class=word_tokenizer(VOCAB), **kwargs)
     trainer.train()
     return trainer, [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
