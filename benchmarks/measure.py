@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 import kdfast
+from kdfast.train.runtime import process_memory_kib, reset_peak_rss
 
 PEER_SANITY = 0.1  # a peer off by more than this (relative) is broken, not just imprecise
 
@@ -74,14 +75,6 @@ def _malloc_trim() -> None:
         pass
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 class CpuMeter:
     device = "cpu"
 
@@ -110,13 +103,13 @@ class CpuMeter:
         kdfast.empty_cache()
         _malloc_trim()
         try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _status_kb("VmRSS")
+            if not reset_peak_rss():
+                return None  # not Linux, or clear_refs not writable here
+            before = process_memory_kib("VmRSS")
         except (OSError, KeyError):
-            return None  # not Linux, or clear_refs not writable here
+            return None
         step()
-        return (_status_kb("VmHWM") - before) * 1024
+        return (process_memory_kib("VmHWM") - before) * 1024
 
     def copy_bandwidth(self, nbytes: int) -> float:
         """Bytes read + written per second by a large ``copy_`` (torch's threads, as the kernels use)."""

@@ -47,14 +47,29 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def reset_peak_rss() -> bool:
+    """Resets the process's peak resident set size (VmHWM) to its current one; False where Linux's
+    /proc/self/clear_refs is not there to do it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def process_memory_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB: "VmRSS" (resident now) or "VmHWM" (its peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    else:
+        reset_peak_rss()
 
 
 def peak_memory(device: torch.device) -> dict:
@@ -62,9 +77,8 @@ def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
         return {"peak_memory_bytes": torch.cuda.max_memory_allocated(device), "peak_memory_kind": "cuda_allocated"}
     try:
-        status = Path("/proc/self/status").read_text()
-        kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
-    except (OSError, StopIteration):
+        kib = process_memory_kib("VmHWM")
+    except (OSError, KeyError):
         import resource
 
         kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
