@@ -17,6 +17,7 @@
 #include <sys/mman.h>
 
 #include "kd_binding_checks.h"
+#include "kd_cpu_vec.h"
 
 #include <algorithm>
 #include <cmath>
@@ -29,14 +30,8 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kBlock = 512;  // entries per block of sweep 1 (a multiple of kLanes); 4-8% faster than 1024
-constexpr int64_t kPrefetchBytes = 1024;  // measured: 1-2% better than 4096 or 8192, 10% better than none
-constexpr float kInf = std::numeric_limits<float>::infinity();
+using namespace kdfast_cpu;  // NOLINT: the shared codes and vector helpers
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 
 // The jsd mixture m = beta p_t + (1 - beta) p_s seen from its lighter side A (the teacher when
 // beta <= 0.5, else the student) and its heavier side B. Formed in double from the double beta:
@@ -84,47 +79,6 @@ struct Rows {
     return base + (r / rows_per_batch) * stride_b + (r % rows_per_batch) * stride_m;
   }
 };
-
-inline Vec load_float(const float* p) { return Vec::loadu(p); }
-template <typename T>
-inline Vec load_float(const T* p) {
-  Vec out;
-  at::vec::load_to_float<T>(p, out);
-  return out;
-}
-
-// Stores one vector of gradient; streaming (non-temporal) stores skip the read of the
-// destination line that a normal store of a cold line costs.
-inline void store_grad(float* p, Vec v, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (stream) return _mm512_stream_ps(p, v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (stream) return _mm256_stream_ps(p, v);
-#endif
-  v.store(p);
-}
-template <typename T>
-inline void store_grad(T* p, Vec v, bool stream) {
-  const auto packed = at::vec::convert_from_float<T>(v, v);  // the first kLanes entries hold v
-#if defined(CPU_CAPABILITY_AVX512)
-  if (stream) return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (stream) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-#endif
-  packed.store(p, kLanes);
-}
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-inline float hmax(Vec v) {
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
-}
-inline float hsum(Vec v) {
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
-}
 
 // Writes src[0:n] as fp32 into dst[0:kBlock], padded with -inf, and returns the block
 // maximum (NaN if any entry is NaN). Logits stay unscaled: x - max is exact for the
@@ -507,9 +461,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfast: fused knowledge-distillation loss, CPU kernel";
   // Checked against kdfast.backends.DIVERGENCE_CODES when the extension loads.
-  m.attr("DIVERGENCE_CODES") = py::dict(py::arg("forward_kl") = static_cast<int64_t>(kForwardKL),
-                                        py::arg("reverse_kl") = static_cast<int64_t>(kReverseKL),
-                                        py::arg("jsd") = static_cast<int64_t>(kJSD));
+  m.attr("DIVERGENCE_CODES") = divergence_codes();
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("ignore_index"), py::arg("hard"),

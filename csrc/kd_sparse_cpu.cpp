@@ -23,6 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "kd_binding_checks.h"
+#include "kd_cpu_vec.h"
 
 #include <cmath>
 #include <cstdint>
@@ -33,14 +34,9 @@
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr int64_t kLanes = Vec::size();
-constexpr int64_t kBlock = 512;  // entries per block of sweep 1 (a multiple of kLanes), as in kd_cpu.cpp
-constexpr int64_t kPrefetchBytes = 1024;
-constexpr float kInf = std::numeric_limits<float>::infinity();
+using namespace kdfast_cpu;  // NOLINT: the shared codes and vector helpers
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 
-enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
 enum Tail : int64_t { kBucket = 0, kRenorm = 1, kRaw = 2 };
 
 struct Params {
@@ -50,48 +46,6 @@ struct Params {
   double coef_ce;  // d(total loss)/d(row cross-entropy)
   bool stream;     // streaming stores (where aligned): the gradient is not the student, which is in cache
 };
-
-// --- vector helpers (the same as kd_cpu.cpp's) ---
-
-inline Vec load_float(const float* p) { return Vec::loadu(p); }
-template <typename T>
-inline Vec load_float(const T* p) {
-  Vec out;
-  at::vec::load_to_float<T>(p, out);
-  return out;
-}
-
-inline float hmax(Vec v) {
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
-}
-inline float hsum(Vec v) {
-  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
-}
-
-// One vector of gradient; streaming stores skip the read of a cold destination line.
-inline void store_grad(float* p, Vec v, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (stream) return _mm512_stream_ps(p, v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (stream) return _mm256_stream_ps(p, v);
-#endif
-  v.store(p);
-}
-template <typename T>
-inline void store_grad(T* p, Vec v, bool stream) {
-  const auto packed = at::vec::convert_from_float<T>(v, v);  // the first kLanes entries hold v
-#if defined(CPU_CAPABILITY_AVX512)
-  if (stream) return _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
-#elif defined(CPU_CAPABILITY_AVX2)
-  if (stream) return _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-#endif
-  packed.store(p, kLanes);
-}
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
 
 // Sums float vectors in float64 lanes.
 struct DoubleSum {
@@ -476,6 +430,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kdfast: fused sparse-teacher distillation loss, CPU kernel";
+  // Checked against kdfast.backends' DIVERGENCE_CODES and TAIL_CODES when the extension loads.
+  m.attr("DIVERGENCE_CODES") = divergence_codes();
+  py::dict tails;
+  tails["bucket"] = static_cast<int64_t>(kBucket);
+  tails["renorm"] = static_cast<int64_t>(kRenorm);
+  tails["raw"] = static_cast<int64_t>(kRaw);
+  m.attr("TAIL_CODES") = tails;
   m.def("sparse_kd_forward", &sparse_kd_forward,
         "Per-row divergence and cross-entropy against a sparse teacher, and optionally the weighted gradient",
         py::arg("student"), py::arg("ids"), py::arg("logprobs"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),

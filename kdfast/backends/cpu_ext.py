@@ -8,12 +8,12 @@ import functools
 
 import torch
 
-from . import DIVERGENCE_CODES, Backend, KernelParams, SparseKernelParams
+from . import DIVERGENCE_CODES, TAIL_CODES, Backend, KernelParams, SparseKernelParams
 from .build import build_failure, check_codes, cpu_capability_flags, load_extension
 
 def _build(name: str, source: str):
     variant, isa_flags = cpu_capability_flags()
-    return load_extension(f"{name}_{variant}", [source], headers=["kd_binding_checks.h"],
+    return load_extension(f"{name}_{variant}", [source], headers=["kd_binding_checks.h", "kd_cpu_vec.h"],
                           cflags=["-O3", "-fopenmp", *isa_flags], ldflags=["-fopenmp"])
 
 
@@ -26,7 +26,10 @@ def _extension():
 
 @functools.cache
 def _sparse_extension():
-    return _build("_kd_sparse_cpu", "kd_sparse_cpu.cpp")
+    extension = _build("_kd_sparse_cpu", "kd_sparse_cpu.cpp")
+    check_codes(extension, "DIVERGENCE_CODES", DIVERGENCE_CODES)
+    check_codes(extension, "TAIL_CODES", TAIL_CODES)
+    return extension
 
 
 def _failure(build, what: str) -> str | None:
