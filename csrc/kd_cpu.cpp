@@ -17,7 +17,7 @@
 #include <sys/mman.h>
 
 #include "kd_binding_checks.h"
-#include "kd_cpu_vec.h"
+#include "kd_cpu_common.h"
 
 #include <algorithm>
 #include <cmath>
@@ -63,21 +63,6 @@ struct LossParams {
   float coef_kd;         // d(total loss)/d(row divergence), already divided by the reduction's count
   float coef_ce;         // d(total loss)/d(row cross-entropy)
   bool grad_in_cache;    // the gradient is written over the student logits, which sweep 1 just read
-};
-
-// Rows of a (B, M, V) tensor whose last dimension has unit stride.
-template <typename T>
-struct Rows {
-  T* base;
-  int64_t rows_per_batch, stride_b, stride_m;
-  explicit Rows(const at::Tensor& t)
-      : base(static_cast<T*>(t.data_ptr())),
-        rows_per_batch(t.size(1)),
-        stride_b(t.stride(0)),
-        stride_m(t.stride(1)) {}
-  T* row(int64_t r) const {
-    return base + (r / rows_per_batch) * stride_b + (r % rows_per_batch) * stride_m;
-  }
 };
 
 // Writes src[0:n] as fp32 into dst[0:kBlock], padded with -inf, and returns the block
@@ -339,18 +324,6 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
     }
     stream_fence();
   });
-}
-
-// Calls fn with a value of the C++ type of a floating dtype the CPU kernel supports.
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, const char* what, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(at::BFloat16{});
-    case at::kHalf: return fn(at::Half{});
-    default:
-      TORCH_CHECK(false, what, " must be float32, bfloat16 or float16 for the cpu backend, got ", dtype);
-  }
 }
 
 template <typename Fn>

@@ -23,7 +23,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include "kd_binding_checks.h"
-#include "kd_cpu_vec.h"
+#include "kd_cpu_common.h"
 
 #include <cmath>
 #include <cstdint>
@@ -102,21 +102,6 @@ void stage_partial(const T* src, int64_t n, float* dst) {
   for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<float>(src[j]);
   std::fill(dst + n, dst + kBlock, -kInf);
 }
-
-// Rows of a (B, M, V) tensor whose last dimension has unit stride.
-template <typename T>
-struct Rows {
-  T* base;
-  int64_t rows_per_batch, stride_b, stride_m;
-  explicit Rows(const at::Tensor& t)
-      : base(static_cast<T*>(t.data_ptr())),
-        rows_per_batch(t.size(1)),
-        stride_b(t.stride(0)),
-        stride_m(t.stride(1)) {}
-  T* row(int64_t r) const {
-    return base + (r / rows_per_batch) * stride_b + (r % rows_per_batch) * stride_m;
-  }
-};
 
 // Per-thread scratch: e (and e1 = exp(x - shift) at T = 1 for the hard labels) of the row, the
 // shift of each block, its exp-sums, and the ids' logits.
@@ -354,18 +339,6 @@ void sparse_rows(const at::Tensor& student, const at::Tensor& ids, const at::Ten
       ce_out[r] = out.ce;
     }
   });
-}
-
-// Calls fn with a value of the C++ type of a floating dtype the CPU kernel supports.
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, const char* what, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(at::BFloat16{});
-    case at::kHalf: return fn(at::Half{});
-    default:
-      TORCH_CHECK(false, what, " must be float32, bfloat16 or float16 for the cpu backend, got ", dtype);
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, const at::Tensor& ids,

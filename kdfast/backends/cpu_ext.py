@@ -13,7 +13,7 @@ from .build import build_failure, check_codes, cpu_capability_flags, load_extens
 
 def _build(name: str, source: str):
     variant, isa_flags = cpu_capability_flags()
-    return load_extension(f"{name}_{variant}", [source], headers=["kd_binding_checks.h", "kd_cpu_vec.h"],
+    return load_extension(f"{name}_{variant}", [source], headers=["kd_binding_checks.h", "kd_cpu_common.h"],
                           cflags=["-O3", "-fopenmp", *isa_flags], ldflags=["-fopenmp"])
 
 
@@ -61,8 +61,7 @@ def empty_cache() -> None:
 
 
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
-    return _extension().kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
-                                   params.beta, params.ignore_index, params.hard)
+    return _extension().kd_forward(student, teacher, labels, grad, coefs, *params)
 
 
 def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params: SparseKernelParams):

@@ -1,9 +1,9 @@
 // What the CPU kernels (kd_cpu.cpp, kd_sparse_cpu.cpp) share: the divergence codes, which
-// kdfast/backends/__init__.py checks when an extension loads, and the vector helpers over ATen's
-// Vectorized<float> (the widest SIMD torch uses here).
+// kdfast/backends/__init__.py checks when an extension loads, the vector helpers over ATen's
+// Vectorized<float> (the widest SIMD torch uses here), row access and dtype dispatch.
 #pragma once
 
-#include <pybind11/pybind11.h>
+#include <torch/extension.h>
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -71,6 +71,34 @@ inline void stream_fence() {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
 #endif
+}
+
+
+// Rows of a (B, M, V) tensor whose last dimension has unit stride.
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t rows_per_batch, stride_b, stride_m;
+  explicit Rows(const at::Tensor& t)
+      : base(static_cast<T*>(t.data_ptr())),
+        rows_per_batch(t.size(1)),
+        stride_b(t.stride(0)),
+        stride_m(t.stride(1)) {}
+  T* row(int64_t r) const {
+    return base + (r / rows_per_batch) * stride_b + (r % rows_per_batch) * stride_m;
+  }
+};
+
+// Calls fn with a value of the C++ type of a floating dtype the CPU kernel supports.
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, const char* what, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(at::BFloat16{});
+    case at::kHalf: return fn(at::Half{});
+    default:
+      TORCH_CHECK(false, what, " must be float32, bfloat16 or float16 for the cpu backend, got ", dtype);
+  }
 }
 
 }  // namespace kdfast_cpu
