@@ -54,7 +54,20 @@ def _student_argument(values: Tensor, requires_grad: bool, fresh: bool) -> tuple
     return student, [leaf] if requires_grad else []
 
 
-class LogitsProblem:
+class _StudentLogitsProblem:
+    """What the problems whose gradient is the student's logits share."""
+
+    student: Tensor
+
+    def release(self) -> None:
+        self.student.requires_grad_(False).grad = None
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.student.nbytes
+
+
+class LogitsProblem(_StudentLogitsProblem):
     """kd_loss(student_logits, teacher_logits): logits of spread 3 with the teacher a perturbed
     student (as in the tests), N x V each, in ``dtype``; the student is the one trainable input."""
 
@@ -75,13 +88,6 @@ class LogitsProblem:
         """(the loss function's tensor arguments, the ones that get a gradient)."""
         student, leaves = _student_argument(self.student, requires_grad, fresh)
         return (student, self.teacher), leaves
-
-    def release(self) -> None:
-        self.student.requires_grad_(False).grad = None
-
-    @property
-    def grad_bytes(self) -> int:
-        return self.student.nbytes
 
     def traffic_bytes(self, mode: str) -> int:
         """The memory traffic floor: read S and T, and write dS when there is a backward."""
@@ -155,7 +161,7 @@ class FusedLinearProblem:
         return loss, [sh.grad, sw.grad]
 
 
-class SparseProblem:
+class SparseProblem(_StudentLogitsProblem):
     """sparse_kd_loss(student_logits, teacher_ids, teacher_logprobs), tail "bucket": the student's
     logits as in LogitsProblem, in ``dtype``, and the perturbed teacher's top-k at the suite's
     temperature, as float32 log-probabilities (the teacher's N x V logits exist a block of rows at
@@ -182,13 +188,6 @@ class SparseProblem:
     def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
         student, leaves = _student_argument(self.student, requires_grad, fresh)
         return (student, self.ids, self.logprobs), leaves
-
-    def release(self) -> None:
-        self.student.requires_grad_(False).grad = None
-
-    @property
-    def grad_bytes(self) -> int:
-        return self.student.nbytes
 
     def traffic_bytes(self, mode: str) -> int:
         """The memory traffic floor: read S, the ids and log-probs, and write dS when there is a backward."""
