@@ -1,0 +1,215 @@
+"""One rank of the vocab-parallel loss tests (tests/loss/test_vocab_parallel.py starts WORLD of them):
+
+    python tests/loss/vocab_parallel_worker.py RANK WORLD STORE_FILE OUT_DIR SEED
+
+Every rank builds the same full logits, takes its slice of the columns, and checks
+vocab_parallel_kd_loss's loss and its own gradient slice against the float64 reference on the
+full logits, case by case; each case's error (or "") goes to OUT_DIR/rank{RANK}.json, with the
+loss and the collective calls counted in forward and in backward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+
+from helpers import make_labels, make_logits, rel_err  # noqa: E402
+
+from kdfast.distributed import vocab_parallel_kd_loss  # noqa: E402
+from kdfast.reference import kd_loss_reference  # noqa: E402
+
+# Every public torch.distributed function that communicates; each call is counted.
+COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "all_gather_coalesced",
+               "all_reduce", "all_reduce_coalesced", "all_to_all", "all_to_all_single", "barrier", "batch_isend_irecv",
+               "broadcast", "broadcast_object_list", "gather", "gather_object", "irecv", "isend", "monitored_barrier",
+               "recv", "reduce", "reduce_scatter", "reduce_scatter_single", "reduce_scatter_tensor", "scatter",
+               "scatter_object_list", "send", "_all_gather_base", "_reduce_scatter_base")
+CALLS = []
+
+
+def count_collectives():
+    for name in COLLECTIVES:
+        if hasattr(dist, name):
+            original = getattr(dist, name)
+
+            def counted(*args, _original=original, _name=name, **kwargs):
+                CALLS.append(_name)
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+
+
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
+REDUCTIONS = ["batchmean", "sum", "mean", "none"]
+FP32_TOL = 1e-5
+
+
+def split(widths, x):
+    """The column slices of x, one per width, in order."""
+    return list(torch.split(x, widths, dim=-1))
+
+
+def check(name, results, rank, member_rank, widths, s_full, t_full, *, group=None, labels=None, grad_scale=None,
+          loss_tol=None, grad_tol=None, slicer=None, inplace=False, **options):
+    """vocab_parallel_kd_loss on this rank's slice against the reference on the full logits."""
+    try:
+        dtype = s_full.dtype
+        s_part = split(widths, s_full)[member_rank].detach().clone()
+        t_part = split(widths, t_full)[member_rank]
+        leaf = s_part.requires_grad_() if slicer is None else s_part
+        if slicer is not None:  # strided views of a bigger tensor
+            big = slicer(s_part)
+            leaf = big.requires_grad_()
+            s_in, t_in = slicer.view(big), slicer.view(slicer(t_part))
+        else:
+            s_in, t_in = (leaf * 1.0 if inplace else leaf), t_part  # inplace_backward needs a non-leaf
+        CALLS.clear()
+        loss = vocab_parallel_kd_loss(s_in, t_in, group=group, labels=labels, inplace_backward=inplace, **options)
+        forward_calls = list(CALLS)
+        scale = torch.ones(()) if grad_scale is None else grad_scale
+        CALLS.clear()
+        (loss.double() * scale).sum().backward()
+        backward_calls = list(CALLS)
+        grad = leaf.grad if slicer is None else slicer.view(leaf.grad)
+
+        ref_leaf = s_full.detach().double().requires_grad_()
+        ref_options = {k: v for k, v in options.items() if k not in ("inplace_backward", "expected_grad_output",
+                                                                      "backend", "num_items_in_batch")}
+        if "num_items_in_batch" in options:  # kd_loss(..., num_items_in_batch=n) = kd_loss(..., "sum") / n
+            ref_options["reduction"] = "sum"
+        ref = kd_loss_reference(ref_leaf, t_full, labels=labels, **ref_options)
+        ref = ref / options.get("num_items_in_batch", 1)
+        (ref * scale.double()).sum().backward()
+        ref_grad = split(widths, ref_leaf.grad)[member_rank]
+
+        errors = []
+        if loss.dtype != (torch.float64 if dtype == torch.float64 else torch.float32):
+            errors.append(f"loss dtype {loss.dtype}")
+        if grad is None or grad.dtype != dtype or grad.shape != s_part.shape:
+            errors.append(f"gradient {None if grad is None else (grad.dtype, tuple(grad.shape))}")
+        else:
+            ltol = loss_tol if loss_tol is not None else FP32_TOL
+            gtol = grad_tol if grad_tol is not None else FP32_TOL
+            if dtype != torch.float32 and grad_tol is None:
+                gtol += 3 * rel_err(ref_grad.to(dtype), ref_grad)  # the gradient is stored in bf16
+            loss_err, grad_err = rel_err(loss, ref), rel_err(grad, ref_grad)
+            if loss_err > ltol:
+                errors.append(f"loss {loss.tolist()} vs {ref.tolist()}: relative error {loss_err:.2e} > {ltol:.1e}")
+            if grad_err > gtol:
+                errors.append(f"gradient relative error {grad_err:.2e} > {gtol:.1e}")
+        results[name] = {"error": "; ".join(errors), "loss": loss.detach().double().reshape(-1).tolist(),
+                         "forward_calls": forward_calls, "backward_calls": backward_calls}
+    except Exception:
+        results[name] = {"error": traceback.format_exc(), "loss": [], "forward_calls": [], "backward_calls": []}
+
+
+class Strided:
+    """Each slice as logits[:, :-1] of a (B, S + 1, V_rank) tensor: rows not contiguous."""
+
+    def __call__(self, x):
+        return torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+
+    @staticmethod
+    def view(x):
+        return x[:, :-1]
+
+
+def run_cases(results, rank, member_rank, widths, group, prefix, seed):
+    gen = torch.Generator().manual_seed(seed)
+    vocab = sum(widths)
+    lead = (3, 5)
+    s, t = make_logits(gen, (*lead, vocab))
+    labels = make_labels(gen, lead, vocab)
+    for divergence, beta in DIVERGENCES:
+        for reduction in REDUCTIONS:
+            grad_scale = torch.rand(lead if reduction == "none" else (), generator=gen, dtype=torch.float64) + 0.5
+            check(f"{prefix}{divergence}-{beta}-{reduction}", results, rank, member_rank, widths, s, t, group=group,
+                  labels=labels, temperature=2.0, divergence=divergence, beta=beta, reduction=reduction,
+                  grad_scale=grad_scale)
+        check(f"{prefix}{divergence}-{beta}-hard", results, rank, member_rank, widths, s, t, group=group,
+              labels=labels, temperature=1.5, divergence=divergence, beta=beta, hard_weight=0.7, soft_weight=0.3,
+              scale_t2=False)
+        check(f"{prefix}{divergence}-{beta}-hard-T1", results, rank, member_rank, widths, s, t, group=group,
+              labels=labels, divergence=divergence, beta=beta, hard_weight=0.5)
+        check(f"{prefix}{divergence}-{beta}-nolabels", results, rank, member_rank, widths, s, t, group=group,
+              divergence=divergence, beta=beta)
+        bs, bt = s.to(torch.bfloat16), t.to(torch.bfloat16)
+        check(f"{prefix}{divergence}-{beta}-bf16", results, rank, member_rank, widths, bs, bt, group=group,
+              labels=labels, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.5)
+    # Labels in the last rank's columns only, and in the first's only: the others read none.
+    for where, ids in (("last", (vocab - widths[-1], vocab)), ("first", (0, widths[0]))):
+        owned = torch.randint(*ids, lead, generator=gen)
+        owned[0, 0] = -100
+        check(f"{prefix}labels-on-{where}-rank", results, rank, member_rank, widths, s, t, group=group,
+              labels=owned, hard_weight=1.0, divergence="jsd", beta=0.3)
+    all_ignored = torch.full(lead, -100)
+    for reduction in REDUCTIONS:
+        check(f"{prefix}all-ignored-{reduction}", results, rank, member_rank, widths, s, t, group=group,
+              labels=all_ignored, hard_weight=1.0, reduction=reduction, loss_tol=0.0, grad_tol=0.0)
+    # -inf padding: the teacher's last columns, and the last rank's whole slice of the student and teacher.
+    padded_t = t.clone()
+    padded_t[..., -3:] = -math.inf
+    for divergence, beta in (("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.4)):
+        if divergence != "reverse_kl":  # KL(p_s || p_t) is infinite where only the teacher is -inf
+            check(f"{prefix}teacher-padding-{divergence}", results, rank, member_rank, widths, s, padded_t,
+                  group=group, labels=labels, divergence=divergence, beta=beta, hard_weight=0.2)
+        padded_s, padded_both = s.clone(), t.clone()
+        padded_s[..., vocab - widths[-1]:] = -math.inf
+        padded_both[..., vocab - widths[-1]:] = -math.inf
+        no_last = torch.randint(0, vocab - widths[-1], lead, generator=gen)
+        check(f"{prefix}padded-last-rank-{divergence}", results, rank, member_rank, widths, padded_s, padded_both,
+              group=group, labels=no_last, divergence=divergence, beta=beta, hard_weight=0.2, temperature=3.0)
+    check(f"{prefix}strided", results, rank, member_rank, widths, s, t, group=group, labels=labels,
+          slicer=Strided(), divergence="reverse_kl", hard_weight=0.3)
+    check(f"{prefix}flat-rows", results, rank, member_rank, widths, s.reshape(-1, vocab), t.reshape(-1, vocab),
+          group=group, labels=labels, divergence="jsd")
+    check(f"{prefix}expected-grad-output", results, rank, member_rank, widths, s, t, group=group, labels=labels,
+          expected_grad_output=0.25, grad_scale=torch.tensor(0.25, dtype=torch.float64), hard_weight=0.5)
+    check(f"{prefix}num-items", results, rank, member_rank, widths, s, t, group=group, labels=labels,
+          num_items_in_batch=40, reduction="batchmean", divergence="reverse_kl")
+    check(f"{prefix}inplace-backward", results, rank, member_rank, widths, s, t, group=group, labels=labels,
+          inplace=True, divergence="jsd", beta=0.6, hard_weight=0.4)
+    # One rank with an empty slice (the others hold the whole vocabulary).
+    empty = [vocab // 2, 0, vocab - vocab // 2] if len(widths) == 3 else [vocab, 0]
+    check(f"{prefix}empty-slice", results, rank, member_rank, empty, s, t, group=group, labels=labels,
+          divergence="forward_kl", hard_weight=0.5, reduction="mean")
+    # A teacher slice wider than its student slice on one rank: every rank raises, none hangs.
+    try:
+        extra = 1 if member_rank == len(widths) - 1 else 0
+        vocab_parallel_kd_loss(split(widths, s)[member_rank],
+                               torch.cat([split(widths, t)[member_rank], t[..., :extra]], -1), group=group)
+        results[f"{prefix}width-mismatch"] = {"error": "no error raised"}
+    except ValueError as error:
+        results[f"{prefix}width-mismatch"] = {"error": "" if "same width on every rank" in str(error) else str(error)}
+    s64, t64 = s.double(), t.double()
+    check(f"{prefix}float64", results, rank, member_rank, widths, s64, t64, group=group, labels=labels,
+          divergence="jsd", beta=0.7, hard_weight=0.5, loss_tol=1e-10, grad_tol=1e-10)
+
+
+def main():
+    rank, world, store, out_dir, seed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), \
+        int(sys.argv[5])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    count_collectives()
+    results = {}
+    widths = [7, 11] if world == 2 else [5, 13, 8]
+    run_cases(results, rank, rank, widths, None, "world-", seed)
+    if world == 3:  # a sub-group: ranks 0 and 2 of 3 (new_group is called by every rank)
+        sub = dist.new_group([0, 2])
+        if rank in (0, 2):
+            run_cases(results, rank, rank // 2, [9, 4], sub, "subgroup-", seed + 1)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
