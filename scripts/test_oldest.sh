@@ -34,7 +34,7 @@ EOF
 read -r TORCH_PIN HF_PINS <<<"$PINS"
 # Reinstall only when the packaging or this script changed.
 STAMP="$VENV/.kdfast-install-stamp"
-WANT=$(cat pyproject.toml setup.py "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)
+WANT=$(cat pyproject.toml setup.py scripts/test_oldest.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     python -m pip install --quiet --disable-pip-version-check "$TORCH_PIN"  # first, as scripts/env.sh does
     # shellcheck disable=SC2086
