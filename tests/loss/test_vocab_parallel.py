@@ -77,13 +77,14 @@ def test_every_reduction_and_hard_labels_match_reference(runs, world, prefix, ra
 def test_edge_cases_match_reference(runs, world, prefix, ranks):
     """Labels only on one rank's columns, all rows ignored (exactly 0), -inf padding (a teacher's
     columns; a whole slice of both), strided and flat rows, expected_grad_output,
-    num_items_in_batch, inplace_backward, an empty slice, float64, and a width mismatch on one
-    rank that every rank reports."""
+    num_items_in_batch, inplace_backward, an empty slice, float64, a width mismatch on one rank
+    that every rank reports, return_parts against kd_loss, and a NaN logit on one rank making its
+    row NaN on every rank."""
     cases = {key: r for key, r in _cases(runs, world, prefix, ranks).items()
              if not any(key[1].startswith(prefix + d) for d in DIVERGENCES)}
     names = {case[len(prefix):] for _, case in cases}
     assert {"labels-on-last-rank", "all-ignored-mean", "padded-last-rank-jsd", "teacher-padding-forward_kl", "strided",
-            "inplace-backward", "empty-slice", "width-mismatch", "float64"} <= names
+            "inplace-backward", "empty-slice", "width-mismatch", "float64", "parts-and-kd-loss"} <= names
     _assert_no_errors(cases)
 
 

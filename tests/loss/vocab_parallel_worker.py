@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 
 from helpers import make_labels, make_logits, rel_err  # noqa: E402
 
+import kdfast  # noqa: E402
 from kdfast.distributed import vocab_parallel_kd_loss  # noqa: E402
 from kdfast.reference import kd_loss_reference  # noqa: E402
 
@@ -111,6 +112,41 @@ def check(name, results, rank, member_rank, widths, s_full, t_full, *, group=Non
         results[name] = {"error": traceback.format_exc(), "loss": [], "forward_calls": [], "backward_calls": []}
 
 
+def outcome(name, results, run):
+    try:
+        error = run()
+    except Exception:
+        error = traceback.format_exc()
+    results[name] = {"error": error}
+
+
+def parts_and_nan_rows(member_rank, widths, s, t, labels, group) -> str:
+    """return_parts against kd_loss on the full logits, and a row holding NaN on the last rank
+    only: NaN on every rank (loss and gradient), as kd_loss gives, the other rows unchanged."""
+    options = dict(labels=labels, divergence="jsd", beta=0.3, hard_weight=0.4, temperature=2.0)
+    got = vocab_parallel_kd_loss(split(widths, s)[member_rank], split(widths, t)[member_rank], group=group,
+                                 return_parts=True, **options)
+    want = kdfast.kd_loss(s, t, return_parts=True, backend="torch", **options)
+    for part, a, b in zip(("loss", "kd", "hard"), got, want):
+        if rel_err(a, b) > FP32_TOL:
+            return f"{part}: {a.item()} vs kd_loss {b.item()}"
+    nan_s = s.clone()
+    nan_s[1, 2, -1] = math.nan
+    leaf = split(widths, nan_s)[member_rank].clone().requires_grad_()
+    rows = vocab_parallel_kd_loss(leaf, split(widths, t)[member_rank], group=group, reduction="none", **options)
+    rows.sum().backward()
+    want = kdfast.kd_loss(nan_s, t, reduction="none", backend="torch", **options)
+    nan_row = torch.zeros(rows.shape, dtype=torch.bool)
+    nan_row[1, 2] = labels[1, 2] != -100
+    if not (torch.equal(rows.isnan(), nan_row) and torch.equal(want.isnan(), nan_row)):
+        return f"NaN rows {rows.isnan().nonzero().tolist()}, kd_loss's {want.isnan().nonzero().tolist()}"
+    if not torch.equal(leaf.grad.isnan().any(-1), nan_row):
+        return f"NaN gradient rows {leaf.grad.isnan().any(-1).nonzero().tolist()}"
+    if rel_err(rows[~nan_row], want[~nan_row]) > FP32_TOL:
+        return "the other rows differ from kd_loss's"
+    return ""
+
+
 class Strided:
     """Each slice as logits[:, :-1] of a (B, S + 1, V_rank) tensor: rows not contiguous."""
 
@@ -189,6 +225,7 @@ def run_cases(results, rank, member_rank, widths, group, prefix, seed):
         results[f"{prefix}width-mismatch"] = {"error": "no error raised"}
     except ValueError as error:
         results[f"{prefix}width-mismatch"] = {"error": "" if "same width on every rank" in str(error) else str(error)}
+    outcome(f"{prefix}parts-and-kd-loss", results, lambda: parts_and_nan_rows(member_rank, widths, s, t, labels, group))
     s64, t64 = s.double(), t.double()
     check(f"{prefix}float64", results, rank, member_rank, widths, s64, t64, group=group, labels=labels,
           divergence="jsd", beta=0.7, hard_weight=0.5, loss_tol=1e-10, grad_tol=1e-10)
