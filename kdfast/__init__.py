@@ -5,7 +5,8 @@ Where things live (each layer imports only the layers below it; tests/test_layou
 - The loss core, at the top of the package. ``api`` (kd_loss, KDLoss), ``fused_linear`` and
   ``sparse`` are the public losses; ``options`` checks their options, ``inputs`` their tensors
   (and lays logits out as rows), ``reduction`` turns row losses into the returned loss;
-  ``chunked`` walks an output layer in chunks for the fused-linear losses; ``ops`` holds the
+  ``chunked`` walks an output layer in chunks for the fused-linear losses; ``distributed``
+  splits the loss over ranks that each hold a slice of the vocabulary; ``ops`` holds the
   torch.library custom ops and autograd Functions; ``reference`` is the float64 reference.
   A new loss: a module here, built from those pieces.
 - ``backends/``: one module per backend (``triton_kernels`` and ``triton_sparse``, ``cuda_ext``,

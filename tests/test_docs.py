@@ -33,8 +33,9 @@ def readme_blocks() -> list[str]:
 
 def test_readme_snippets_run_as_printed(tmp_path, monkeypatch):
     """The README's Python blocks, in order, in one namespace that holds what they leave to the
-    reader (models, a loader, an optimizer, token ids); the Hugging Face Trainer block needs a
-    dataset and TrainingArguments and is covered by tests/integrations/test_hf.py instead."""
+    reader (models, a loader, an optimizer, token ids). The Hugging Face Trainer block needs a
+    dataset and TrainingArguments (tests/integrations/test_hf.py covers it), the vocabulary-parallel
+    block a process group (tests/loss/test_vocab_parallel.py covers it)."""
     import torch
 
     from kdfast.train.models import GPT, GPTConfig
@@ -53,7 +54,7 @@ def test_readme_snippets_run_as_printed(tmp_path, monkeypatch):
         "labels": torch.randint(0, vocab, (24,)),
         "train_token_ids": torch.randint(0, vocab, (4000,)), "eval_token_ids": torch.randint(0, vocab, (1000,)),
     }
-    blocks = [b for b in readme_blocks() if "TrainingArguments(...)" not in b]
+    blocks = [b for b in readme_blocks() if "TrainingArguments(...)" not in b and "group=tp_group" not in b]
     assert len(blocks) >= 4
     for code in blocks:
         exec(compile(code, "README.md", "exec"), namespace)
