@@ -8,6 +8,7 @@ same windows as one process with batch W * B.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Union
@@ -34,7 +35,8 @@ class TokenWindows:
             raise ValueError(f"{len(tokens)} tokens do not fill one window of context {context} (+1 target)")
         self._epoch, self._perm = -1, None
 
-    def _rows(self, window_ids: Tensor) -> tuple[Tensor, Tensor]:
+    def rows(self, window_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) of the given windows: window k is tokens[k * context : (k + 1) * context + 1]."""
         offsets = window_ids[:, None] * self.context + torch.arange(self.context + 1)
         rows = self.tokens[offsets].long()
         return rows[:, :-1], rows[:, 1:]
@@ -47,10 +49,22 @@ class TokenWindows:
             self._epoch, self._perm = epoch, torch.randperm(self.n_windows, generator=gen)
         return int(self._perm[index])
 
-    def batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
-        """Batch number ``index`` of this rank: its batch_size windows of the global batch."""
+    def batch_windows(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Tensor:
+        """The window numbers of batch ``index`` of this rank: its batch_size windows of the global batch."""
         first = (index * world_size + rank) * batch_size
-        return self._rows(torch.tensor([self._order(k) for k in range(first, first + batch_size)]))
+        return torch.tensor([self._order(k) for k in range(first, first + batch_size)])
+
+    def batch(self, index: int, batch_size: int, rank: int = 0, world_size: int = 1) -> tuple[Tensor, Tensor]:
+        """Batch number ``index`` of this rank: (inputs, targets) of batch_windows(index, ...)."""
+        return self.rows(self.batch_windows(index, batch_size, rank, world_size))
+
+    def sha256(self) -> str:
+        """The identity of the windows (context and the tokens they cover), whatever dtype holds the tokens:
+        a teacher cache is valid for exactly these sequences."""
+        digest = hashlib.sha256(f"context={self.context};".encode())
+        covered = self.tokens[:self.n_windows * self.context + 1].to(torch.int64).contiguous()
+        digest.update(covered.numpy().astype("<i8").tobytes())
+        return digest.hexdigest()
 
     def spread(self, max_windows: int, batch_size: int, rank: int = 0,
                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
@@ -59,7 +73,7 @@ class TokenWindows:
         count = min(max_windows, self.n_windows)
         mine = (torch.arange(count) * self.n_windows // count)[rank::world_size]
         for chunk in mine.split(batch_size):
-            yield self._rows(chunk)
+            yield self.rows(chunk)
 
 
 def load_tokens(path: Union[str, Path]) -> Tensor:

@@ -12,6 +12,10 @@ This is the one place that chooses how the loss is computed:
 - ``logits``: any model returning logits (a tensor, a tuple starting with them, or an
   object with ``.logits``); the loss is ``kd_loss`` on the full logits.
 
+A teacher given as its sparse distribution (ids and log-probs per position, e.g. read from a
+teacher cache) takes ``fused_linear_sparse_kd_loss`` on the fused-linear path, which then needs
+only the student to qualify, and ``sparse_kd_loss`` on the logits path.
+
 Targets are aligned with the positions: ``targets[..., t]`` is the token position t must
 predict (ignore_index where nothing is to be predicted, e.g. padding or a sequence's end).
 """
@@ -230,6 +234,33 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
     return "logits"
 
 
+def choose_sparse_loss_path(student: nn.Module, teacher_vocab: int, options: LossOptions,
+                            requested: str = "auto") -> str:
+    """choose_loss_path for a sparse teacher (no teacher model): the student alone decides, and its vocabulary
+    must be the teacher's."""
+    check_loss_path(requested)
+    if options.vocab_size is not None:
+        raise ValueError("loss.vocab_size does not apply to a sparse teacher: its ids say which tokens it covers")
+    if options.teacher_temperature not in (None, options.temperature):
+        raise ValueError("a sparse teacher's log-probs are at one temperature, the loss's: leave teacher_temperature "
+                         "unset")
+    v_student, reason = _probe(student)
+    if v_student != teacher_vocab:
+        raise ValueError(f"vocabulary sizes differ: the student's output has V={v_student}, the teacher's "
+                         f"V={teacher_vocab}")
+    if requested == "logits" or (requested == "auto" and reason):
+        return "logits"
+    if reason:
+        raise ValueError(f"loss_path='fused_linear' cannot be used: the student: {reason}; use loss_path='logits' "
+                         "or 'auto'")
+    return "fused_linear"
+
+
+# The loss options that the sparse losses take (not vocab_size or teacher_temperature, checked above).
+SPARSE_OPTIONS = ("temperature", "divergence", "beta", "ignore_index", "reduction", "scale_t2", "hard_weight",
+                  "soft_weight", "expected_grad_output", "backend")
+
+
 def check_loss_path(requested: str) -> None:
     check_choice("loss_path", requested, LOSS_PATHS)
 
@@ -243,15 +274,23 @@ class LMDistillLoss:
     it is set; the loss itself is computed by kdfast in its own precision.
     """
 
-    def __init__(self, loss_options: LossOptions, path: str = "logits", autocast_dtype: Optional[torch.dtype] = None):
+    def __init__(self, loss_options: LossOptions, path: str = "logits", autocast_dtype: Optional[torch.dtype] = None,
+                 tail: str = "bucket"):
         if path not in ("fused_linear", "logits"):
             raise ValueError(f"path must be 'fused_linear' or 'logits', got {path!r}")
         self.loss_options = loss_options
         self.path = path
         self.autocast_dtype = autocast_dtype
+        self.tail = tail  # how a sparse teacher's rest counts (kdfast.sparse_kd_loss)
 
     def __call__(self, student: nn.Module, teacher: Optional[nn.Module], input_ids: Tensor, targets: Tensor,
-                 attention_mask: Optional[Tensor] = None, num_items_in_batch=None) -> KDLossParts:
+                 attention_mask: Optional[Tensor] = None, num_items_in_batch=None,
+                 teacher_ids: Optional[Tensor] = None, teacher_logprobs: Optional[Tensor] = None) -> KDLossParts:
+        """With teacher_ids and teacher_logprobs (..., K) (and teacher None), the teacher is that sparse
+        distribution: the loss is sparse_kd_loss, or fused_linear_sparse_kd_loss on the fused-linear path."""
+        if teacher_ids is not None:
+            return self._sparse(student, input_ids, targets, attention_mask, num_items_in_batch, teacher_ids,
+                                teacher_logprobs)
         fused = teacher is not None and self.path == "fused_linear"
         extra = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
         with autocast(input_ids.device, self.autocast_dtype):
@@ -274,6 +313,22 @@ class LMDistillLoss:
         return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets,
                               num_items_in_batch=num_items_in_batch, return_parts=True,
                               **self.loss_options.as_kwargs())
+
+    def _sparse(self, student: nn.Module, input_ids: Tensor, targets: Tensor, attention_mask: Optional[Tensor],
+                num_items_in_batch, teacher_ids: Tensor, teacher_logprobs: Tensor) -> KDLossParts:
+        fused = self.path == "fused_linear"
+        extra = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
+        with autocast(input_ids.device, self.autocast_dtype):
+            out = _run(student, input_ids, attention_mask, **extra)
+        options = {name: getattr(self.loss_options, name) for name in SPARSE_OPTIONS}
+        common = dict(labels=targets, tail=self.tail, num_items_in_batch=num_items_in_batch, return_parts=True)
+        if fused:
+            head = output_head(student)
+            return kdfast.fused_linear_sparse_kd_loss(out.hidden_states[-1], head.weight, teacher_ids,
+                                                      teacher_logprobs, student_bias=getattr(head, "bias", None),
+                                                      **common, **options)
+        return kdfast.sparse_kd_loss(logits_of(out), teacher_ids, teacher_logprobs,
+                                     inplace_backward=self.loss_options.inplace_backward, **common, **options)
 
 
 def _eval_sums(logits: Tensor, teacher_logits: Optional[Tensor], targets: Tensor, options: LossOptions) -> Tensor:

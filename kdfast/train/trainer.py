@@ -24,7 +24,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,10 @@ from kdfast.options import check_positive_int
 
 from .checkpoint import checkpoints, ensure_writable_dir, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import TokenWindows
-from .lm import LMDistillLoss, check_loss_path, choose_loss_path, evaluate_models, is_sharded
+from .lm import (LMDistillLoss, check_loss_path, choose_loss_path, choose_sparse_loss_path, evaluate_models,
+                 is_sharded)
 from .runtime import MetricsLog, init_distributed, peak_memory, progress_bar, reset_peak_memory, resolve_device
+from .teacher_cache import TeacherCache
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of each precision setting
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -122,13 +124,18 @@ class DistillTrainer:
 
     ``loss_options`` holds the kd_loss options (temperature, divergence, hard/soft weights, ...).
     Models are moved to the configured device; the teacher is frozen in eval mode.
+
+    ``teacher`` may be a :class:`~kdfast.train.teacher_cache.TeacherCache` of ``train_data``'s windows instead
+    of a model: no teacher runs, each batch reads its windows' cached ids and log-probs and the loss is
+    kdfast.sparse_kd_loss (fused_linear_sparse_kd_loss on the fused-linear path) with the cache's tail. A cache
+    of other windows, vocabulary or temperature is refused; held-out metrics then have no teacher columns.
     """
 
     def __init__(self, student: nn.Module, train_data: TokenWindows, config: TrainConfig,
-                 teacher: Optional[nn.Module] = None, eval_data: Optional[TokenWindows] = None,
+                 teacher: Optional[Union[nn.Module, TeacherCache]] = None, eval_data: Optional[TokenWindows] = None,
                  loss_options: Optional[LossOptions] = None):
         for role, model in (("student", student), ("teacher", teacher)):
-            if model is not None and is_sharded(model):
+            if isinstance(model, nn.Module) and is_sharded(model):
                 raise ValueError(f"the {role} is sharded with FSDP, which DistillTrainer does not do (it replicates "
                                  "models with DDP): use kdfast.integrations.hf.KDTrainer with FSDP for such models")
         self.cfg = config
@@ -142,12 +149,19 @@ class DistillTrainer:
         loss_options = loss_options or LossOptions()
         self.train_data, self.eval_data, self.loss_options = train_data, eval_data, loss_options
         self.student = student.to(self.device)
-        self.teacher = None
-        if teacher is not None:
+        self.teacher, self.cache = None, None
+        if isinstance(teacher, TeacherCache):
+            teacher.check(windows=train_data, temperature=loss_options.temperature)
+            self.cache = teacher
+            path = choose_sparse_loss_path(self.student, teacher.vocab_size, loss_options, config.loss_path)
+        elif teacher is not None:
             teacher = teacher.to(self.device, dtype=TEACHER_DTYPES[config.teacher_dtype])
             self.teacher = teacher.eval().requires_grad_(False)
-        path = choose_loss_path(self.student, self.teacher, loss_options, config.loss_path) if teacher is not None else "logits"
-        self.distill_loss = LMDistillLoss(loss_options, path, PRECISIONS[config.precision])
+            path = choose_loss_path(self.student, self.teacher, loss_options, config.loss_path)
+        else:
+            path = "logits"
+        self.distill_loss = LMDistillLoss(loss_options, path, PRECISIONS[config.precision],
+                                          self.cache.tail if self.cache is not None else "bucket")
         self.model = self.student
         if self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
@@ -163,7 +177,8 @@ class DistillTrainer:
         self.saved_step = None  # the step of the newest checkpoint written or resumed from
         self.train_seconds = 0.0  # time in training steps, summed over resumed segments
         self.run_settings = {"train": config.run_settings(), "loss": asdict(loss_options), "world_size": self.world,
-                             "teacher": teacher is not None, "loss_path": path}
+                             "teacher": self.cache.identity() if self.cache is not None else teacher is not None,
+                             "loss_path": path}
 
     @property
     def tokens_per_step(self) -> int:
@@ -234,14 +249,18 @@ class DistillTrainer:
         cfg = self.cfg
         parts_sum = torch.zeros(3, device=self.device)
         for micro in range(cfg.grad_accum):
-            inputs, targets = self.train_data.batch(self.step * cfg.grad_accum + micro, cfg.batch_size, self.rank,
+            windows = self.train_data.batch_windows(self.step * cfg.grad_accum + micro, cfg.batch_size, self.rank,
                                                     self.world)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            inputs, targets = (x.to(self.device) for x in self.train_data.rows(windows))
+            sparse = {}
+            if self.cache is not None:
+                sparse = dict(zip(("teacher_ids", "teacher_logprobs"),
+                                  (x.to(self.device) for x in self.cache.lookup(windows))))
             last = micro == cfg.grad_accum - 1
             # DDP averages gradients across processes only on the last micro-step
             sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
             with sync:
-                parts = self.distill_loss(self.model, self.teacher, inputs, targets)
+                parts = self.distill_loss(self.model, self.teacher, inputs, targets, **sparse)
                 (parts.loss / cfg.grad_accum).backward()
             parts_sum += torch.stack([parts.loss.detach(), parts.kd, parts.hard]).float() / cfg.grad_accum
         grad_norm = None
