@@ -22,6 +22,20 @@ def pytest_report_header(config):
             f"kdfast backends: {kdfast.available_backends()}"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (also set on every case parametrized with device "
+                                       "'cuda'), so scripts/device_check.sh selects all GPU tests with -m gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The loss tests parametrize (backend, device) pairs: mark their CUDA cases, which test ids alone
+    # cannot select (an id like [jsd-262144-triton] names no device).
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(v, str) and v.startswith("cuda") for v in params.values()):
+            item.add_marker(pytest.mark.gpu)
+
+
 def _test_seed(request) -> int:
     return SEED ^ zlib.crc32(request.node.nodeid.encode())
 
