@@ -55,7 +55,8 @@ JsdWeights jsd_weights(double beta) {
 
 struct LossParams {
   float temperature;
-  float inv_temperature;
+  float inv_temperature;    // the student's
+  float inv_temperature_t;  // the teacher's
   JsdWeights jsd;
   int64_t ignore_index;
   int64_t vocab;
@@ -121,7 +122,7 @@ struct RowStats {
 template <int64_t DIV, bool HARD, typename S, typename T>
 bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParams& p, RowStats& st) {
   constexpr bool kKeepLogits = DIV != kForwardKL || HARD;
-  const Vec zero(0.f), inv_temp(p.inv_temperature);
+  const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
   for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
     const int64_t n = std::min(kBlock, p.vocab - b);
     float* x_s = kKeepLogits ? sc.xs + b : sc.block_s;
@@ -136,7 +137,7 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
     if (grow_s || grow_t) {
       const float new_s = grow_s ? bm_s : st.shift_s, new_t = grow_t ? bm_t : st.shift_t;
       const double da_s = (static_cast<double>(new_s) - st.shift_s) * p.inv_temperature;
-      const double da_t = (static_cast<double>(new_t) - st.shift_t) * p.inv_temperature;
+      const double da_t = (static_cast<double>(new_t) - st.shift_t) * p.inv_temperature_t;
       const double f_s = st.seen_s ? std::exp(-da_s) : 0.0, f_t = st.seen_t ? std::exp(-da_t) : 0.0;
       // A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
       // where the other had mass): 0 * inf would make the row NaN.
@@ -156,7 +157,7 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
     Vec vzs(0.f), vzt(0.f), vw(0.f), vz1(0.f);
     for (int64_t i = 0; i < kBlock; i += kLanes) {
       const Vec ds = Vec::loadu(x_s + i) - ms, dt = Vec::loadu(x_t + i) - mt;
-      const Vec as = ds * inv_temp, at = dt * inv_temp;
+      const Vec as = ds * inv_temp, at = dt * inv_temp_t;
       const Vec es = as.exp_u20(), et = at.exp_u20();
       es.store(sc.es + b + i);
       et.store(sc.et + b + i);
@@ -210,17 +211,17 @@ inline std::pair<Vec, Vec> jsd_log_ratios(Vec log_pt, Vec log_ps, const JsdWeigh
 // Sweep 2, jsd only: the mixture m = beta p_t + (1 - beta) p_s needs both normalisers first.
 // log m - log p_s is stored over xt, which the jsd gradient no longer needs.
 void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
-  const Vec zero(0.f), inv_temp(p.inv_temperature);
+  const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
   double kl_t = 0, kl_s = 0;
   for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
     const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
-    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
     Vec vt(0.f), vs(0.f);
     for (int64_t i = b; i < b + kBlock; i += kLanes) {
       const Vec ps = Vec::loadu(sc.es + i) * scale_s, pt = Vec::loadu(sc.et + i) * scale_t;
       const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
-      const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp - log_zt;
+      const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
       const auto [teacher_vs_mix, student_vs_mix] = jsd_log_ratios(lpt, lps, p.jsd);
       student_vs_mix.store(sc.xt + i);
       // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
@@ -237,7 +238,8 @@ void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
 // Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype.
 template <int64_t DIV, bool HARD, typename S>
 void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad) {
-  const Vec zero(0.f), inv_temp(p.inv_temperature), kd(st.kd), kl_s(st.kl_student_mix);
+  const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t), kd(st.kd),
+      kl_s(st.kl_student_mix);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
   const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
   const Vec coef_ce(p.coef_ce), student_weight(static_cast<float>(p.jsd.student));
@@ -245,7 +247,7 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
   const bool stream = !p.grad_in_cache && reinterpret_cast<uintptr_t>(grad) % (kLanes * sizeof(S)) == 0;
   for (int64_t b = 0, blk = 0; b < p.vocab; b += kBlock, ++blk) {
     const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
-    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
     for (int64_t i = b; i < std::min(b + kBlock, p.vocab); i += kLanes) {
       const Vec ps = Vec::loadu(sc.es + i) * scale_s;
       Vec d;
@@ -253,7 +255,7 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
         d = ps - Vec::loadu(sc.et + i) * scale_t;
       } else if constexpr (DIV == kReverseKL) {
         const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
-        const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp - log_zt;
+        const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
         d = Vec::blendv(zero, ps * (lps - lpt - kd), ps > zero);
       } else {
         // log p_s - log m = -(log m - log p_s), which jsd_terms stored over xt.
@@ -394,7 +396,8 @@ void empty_cache() {
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels,
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
-                                              double temperature, int64_t divergence, double beta,
+                                              double temperature, double teacher_temperature,
+                                              int64_t divergence, double beta,
                                               int64_t ignore_index, bool hard) {
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
   const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
@@ -404,6 +407,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   LossParams p{};
   p.temperature = static_cast<float>(temperature);
   p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.inv_temperature_t = static_cast<float>(1.0 / teacher_temperature);
   p.jsd = jsd_weights(beta);
   p.ignore_index = ignore_index;
   p.vocab = vocab;
@@ -437,8 +441,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("DIVERGENCE_CODES") = divergence_codes();
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
-        py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("ignore_index"), py::arg("hard"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("temperature"), py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),
+        py::arg("ignore_index"), py::arg("hard"), py::call_guard<py::gil_scoped_release>());
   m.def("gradient_buffer", &gradient_buffer,
         "A contiguous buffer of like's shape and dtype: the last one handed out if no tensor uses it any more",
         py::arg("like"), py::call_guard<py::gil_scoped_release>());

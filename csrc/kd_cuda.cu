@@ -266,6 +266,11 @@ __device__ void sweep(const RowPair<S, T>& row, int lane, int group, bool last_u
 // so the exponentials are exp2 of numbers <= 0, and the divergence is a sum of small
 // terms instead of a difference of two log-sum-exps of the size of the logits. Logits
 // are divided by T only after the shift is subtracted, so huge logits lose nothing.
+// log2(e) / T of each side: the student's and the teacher's temperatures may differ.
+struct Scales {
+  float s, t;
+};
+
 template <int kDiv, bool kHard>
 struct SoftmaxStats {
   float shift_s, shift_t;  // running maxima; 0 while a side has seen only -inf
@@ -277,8 +282,8 @@ struct SoftmaxStats {
   static __device__ SoftmaxStats identity() { return {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0u}; }
 
   // Re-expresses the sums against shifts no lower than the current ones.
-  __device__ void rebase(float new_s, float new_t, unsigned new_flags, float c) {
-    const float da_s = (new_s - shift_s) * c, da_t = (new_t - shift_t) * c;
+  __device__ void rebase(float new_s, float new_t, unsigned new_flags, Scales c) {
+    const float da_s = (new_s - shift_s) * c.s, da_t = (new_t - shift_t) * c.t;
     const float f_s = (flags & kSeenS) ? exp2f(-da_s) : 0.f;
     const float f_t = (flags & kSeenT) ? exp2f(-da_t) : 0.f;
     // 2^a' = f 2^a with a' = a - da. A weight that underflowed to 0 adds nothing, even to
@@ -294,7 +299,7 @@ struct SoftmaxStats {
   }
 
   template <typename SVec, typename TVec>
-  __device__ void add(const SVec& s, const TVec& t, float c) {
+  __device__ void add(const SVec& s, const TVec& t, Scales c) {
     float max_s = -kInf, max_t = -kInf;
     bool bad = false;
 #pragma unroll
@@ -313,7 +318,7 @@ struct SoftmaxStats {
     }
 #pragma unroll
     for (int k = 0; k < SVec::kSize; ++k) {
-      const float as = (s.get(k) - shift_s) * c, at = (t.get(k) - shift_t) * c;
+      const float as = (s.get(k) - shift_s) * c.s, at = (t.get(k) - shift_t) * c.t;
       const float es = exp2f(as), et = exp2f(at);
       zs += es;
       zt += et;
@@ -325,7 +330,7 @@ struct SoftmaxStats {
   }
 
   // Commutative to the bit, so every lane of a butterfly ends with the same state.
-  __device__ void merge(SoftmaxStats o, float c) {
+  __device__ void merge(SoftmaxStats o, Scales c) {
     const unsigned both = flags | o.flags;
     const float new_s = !(o.flags & kSeenS) ? shift_s : !(flags & kSeenS) ? o.shift_s : fmaxf(shift_s, o.shift_s);
     const float new_t = !(o.flags & kSeenT) ? shift_t : !(flags & kSeenT) ? o.shift_t : fmaxf(shift_t, o.shift_t);
@@ -402,7 +407,7 @@ __device__ JsdRatios jsd_log_ratios(float log_pt, float log_ps, const JsdWeights
 struct MixtureTerms {
   float kl_t, kl_s;
   static __device__ MixtureTerms identity() { return {0.f, 0.f}; }
-  __device__ void merge(MixtureTerms o, float) {
+  __device__ void merge(MixtureTerms o, Scales) {
     kl_t += o.kl_t;
     kl_s += o.kl_s;
   }
@@ -417,7 +422,7 @@ struct MixtureTerms {
 // for a warp), so a logit one thread read before it is not yet overwritten by another
 // thread's gradient after it.
 template <typename State>
-__device__ State group_reduce(State x, int group, float c) {
+__device__ State group_reduce(State x, int group, Scales c) {
 #pragma unroll
   for (int offset = kWarp / 2; offset > 0; offset /= 2) x.merge(x.shfl_xor(offset), c);
   if (group == kWarp) {
@@ -443,7 +448,7 @@ struct RowResult {
 };
 
 template <typename S, typename T, int kDiv, bool kHard>
-__device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, const RowGroups& rg, float c,
+__device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, const RowGroups& rg, Scales c,
                        float coef_kd, float coef_ce) {
   using Row = RowPair<S, T>;
   using SVec = typename Row::SVec;
@@ -496,8 +501,8 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
     sweep<true, false>(row, lane, group, grad == nullptr, [&](int, const SVec& s, const TVec& t, SVec&) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
-        const float lps = (s.get(k) - res.shift_s) * c - res.log_zs;
-        const float lpt = (t.get(k) - res.shift_t) * c - res.log_zt;
+        const float lps = (s.get(k) - res.shift_s) * c.s - res.log_zs;
+        const float lpt = (t.get(k) - res.shift_t) * c.t - res.log_zt;
         const float ps = exp2f(lps), pt = exp2f(lpt);
         const JsdRatios vs_mix = jsd_log_ratios(lpt, lps, jw);
         // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
@@ -526,8 +531,8 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
   sweep<kDiv != KDFAST_JSD, true>(row, lane, group, true, [&](int first, const SVec& s, const TVec& t, SVec& g) {
 #pragma unroll
     for (int k = 0; k < W; ++k) {
-      const float lps = (s.get(k) - res.shift_s) * c - res.log_zs;
-      const float lpt = (t.get(k) - res.shift_t) * c - res.log_zt;
+      const float lps = (s.get(k) - res.shift_s) * c.s - res.log_zs;
+      const float lpt = (t.get(k) - res.shift_t) * c.t - res.log_zt;
       const float ps = exp2f(lps);
       float d;
       if constexpr (kDiv == KDFAST_FORWARD_KL) {
@@ -552,7 +557,8 @@ template <typename S, typename T, int kDiv, bool kHard>
 __global__ void __launch_bounds__(kBlockThreads, 2) kd_forward_kernel(const KdCudaArgs a, const JsdWeights jw,
                                                                        int group) {
   const RowGroups rg(group);
-  const float c = static_cast<float>(1.4426950408889634 / a.temperature);  // log2(e) / T
+  const Scales c{static_cast<float>(1.4426950408889634 / a.temperature),
+                 static_cast<float>(1.4426950408889634 / a.teacher_temperature)};  // log2(e) / T
   float coef_kd = 0.f, coef_ce = 0.f;
   if (a.grad) {
     coef_kd = a.coefs[0] / a.temperature;  // d(s / T)/ds = 1 / T
@@ -619,7 +625,9 @@ bool valid_shape(int64_t batch, int64_t rows_per_batch, int64_t vocab) {
 extern "C" int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const KdCudaArgs& a = *args;
-  if (!valid_shape(a.batch, a.rows_per_batch, a.vocab) || !(a.temperature > 0.f)) return cudaErrorInvalidValue;
+  if (!valid_shape(a.batch, a.rows_per_batch, a.vocab) || !(a.temperature > 0.f) || !(a.teacher_temperature > 0.f)) {
+    return cudaErrorInvalidValue;
+  }
   const int64_t n_rows = a.batch * a.rows_per_batch;
   if (n_rows == 0) return cudaSuccess;
   if (!a.student.data || !a.teacher.data || !a.kd_out || !a.ce_out || (a.hard && !a.labels) ||

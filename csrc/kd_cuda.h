@@ -47,7 +47,8 @@ typedef struct {
   const float* coefs;    /* (coef_kd, coef_ce), read on the device; needed only with grad */
   float* kd_out;         /* per row: the divergence (not times T^2) */
   float* ce_out;         /* per row: the hard-label cross-entropy at T = 1 (0 unless hard) */
-  float temperature;     /* > 0 */
+  float temperature;     /* > 0: the student's (and that of d(kd)/ds's 1 / T) */
+  float teacher_temperature; /* > 0: the teacher's softmax is taken at it */
   double beta;           /* jsd mixture weight, in (0, 1); double, for 1 - beta near 0 */
   int64_t ignore_index;  /* rows with this label are not read: 0 loss, zero gradient */
   int divergence;        /* KDFAST_FORWARD_KL, KDFAST_REVERSE_KL or KDFAST_JSD */

@@ -31,7 +31,8 @@ void check_launch(int code) {
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels,
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
-                                              double temperature, int64_t divergence, double beta,
+                                              double temperature, double teacher_temperature,
+                                              int64_t divergence, double beta,
                                               int64_t ignore_index, bool hard) {
   TORCH_CHECK(student.is_cuda(), "student must be a CUDA tensor");
   const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
@@ -57,6 +58,7 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   args.kd_out = kd_out.data_ptr<float>();
   args.ce_out = ce_out.data_ptr<float>();
   args.temperature = static_cast<float>(temperature);
+  args.teacher_temperature = static_cast<float>(teacher_temperature);
   args.beta = beta;
   args.ignore_index = ignore_index;
   args.divergence = static_cast<int>(divergence);
@@ -93,8 +95,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                         py::arg("jsd") = static_cast<int64_t>(KDFAST_JSD));
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
-        py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("ignore_index"), py::arg("hard"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("temperature"), py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),
+        py::arg("ignore_index"), py::arg("hard"), py::call_guard<py::gil_scoped_release>());
   m.def("scale_grad_", &scale_grad, "grad *= scale (a one-element tensor), skipped on the device when it is 1",
         py::arg("grad"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 }

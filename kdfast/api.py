@@ -49,7 +49,7 @@ def _kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-            divergence: str = "forward_kl", beta: float = 0.5, labels: Optional[Tensor] = None,
+            teacher_temperature: Optional[float] = None, divergence: str = "forward_kl", beta: float = 0.5, labels: Optional[Tensor] = None,
             ignore_index: int = -100, reduction: str = "batchmean", scale_t2: bool = True, hard_weight: float = 0.0,
             soft_weight: float = 1.0, vocab_size: Optional[int] = None, inplace_backward: bool = False,
             expected_grad_output: float = 1.0, num_items_in_batch=None, return_parts: bool = False,
@@ -59,7 +59,12 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     Args:
         student_logits: (..., V) float32/bfloat16/float16 (or float64) logits; the tensor that gets a gradient.
         teacher_logits: (..., V') logits with the same leading shape; never receives a gradient.
-        temperature: T > 0; both sides are divided by T before the softmax.
+        temperature: T > 0; both sides are divided by T before the softmax (the teacher by
+            teacher_temperature when given). scale_t2 and the gradient's 1 / T use this T.
+        teacher_temperature: None (default: temperature) or > 0: p_t = softmax(teacher_logits /
+            teacher_temperature), p_s = softmax(student_logits / temperature). A teacher given as
+            log-probabilities already at the distillation temperature T is ``temperature=T,
+            teacher_temperature=1`` (log_softmax is idempotent, so they pass through unchanged).
         divergence: "forward_kl" = KL(p_t || p_s), "reverse_kl" = KL(p_s || p_t), or "jsd", the
             generalised Jensen-Shannon divergence of TRL's GKD and Liger with mixture
             m = beta p_t + (1 - beta) p_s; beta = 0 is exactly forward_kl and beta = 1 reverse_kl.
@@ -89,8 +94,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         A float32 scalar (float64 for float64 logits), or per-row losses of shape (...) for reduction="none".
         The gradient is computed during the forward pass when student_logits requires grad.
     """
-    opts = LossOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
-                       reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
+    opts = LossOptions(temperature=temperature, teacher_temperature=teacher_temperature, divergence=divergence,
+                       beta=beta, ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
                        vocab_size=vocab_size, inplace_backward=inplace_backward,
                        expected_grad_output=expected_grad_output, backend=backend)
     return _kd_loss_with_options(student_logits, teacher_logits, labels, opts, return_parts, num_items_in_batch)

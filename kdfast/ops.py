@@ -22,14 +22,15 @@ from .reduction import ReductionWeights, weighted_loss
 
 @torch.library.custom_op("kdfast::kd_forward", mutates_args=("grad",))
 def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad: Optional[Tensor], coefs: Tensor,
-               temperature: float, divergence: int, beta: float, ignore_index: int, hard: bool,
-               backend: str) -> tuple[Tensor, Tensor]:
-    params = KernelParams(temperature, divergence, beta, ignore_index, hard)
+               temperature: float, teacher_temperature: float, divergence: int, beta: float, ignore_index: int,
+               hard: bool, backend: str) -> tuple[Tensor, Tensor]:
+    params = KernelParams(temperature, teacher_temperature, divergence, beta, ignore_index, hard)
     return registry.backend(backend).kd_forward(student, teacher, labels, grad, coefs, params)
 
 
 @kd_forward.register_fake
-def _(student, teacher, labels, grad, coefs, temperature, divergence, beta, ignore_index, hard, backend):
+def _(student, teacher, labels, grad, coefs, temperature, teacher_temperature, divergence, beta, ignore_index, hard,
+      backend):
     dtype = compute_dtype(student.dtype, teacher.dtype)
     n_rows = student.shape[0] * student.shape[1]
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
@@ -146,8 +147,7 @@ class KDLossFunction(GradientInForward):
     def forward(ctx, student: Tensor, teacher: Tensor, labels: Optional[Tensor], weights: ReductionWeights,
                 expected_grad_output: float, params: KernelParams, backend: str, per_row: bool, inplace: bool):
         grad = GradientInForward.prepare_gradient(ctx, student, backend, inplace)
-        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, weights.grad_coefs, params.temperature,
-                                      params.divergence, params.beta, params.ignore_index, params.hard, backend)
+        kd_rows, ce_rows = kd_forward(student, teacher, labels, grad, weights.grad_coefs, *params, backend)
         return GradientInForward.finish(ctx, "kd_loss", grad, kd_rows, ce_rows, weights, expected_grad_output,
                                         backend, per_row)
 

@@ -60,10 +60,14 @@ class LossOptions:
     inplace_backward: bool = False
     expected_grad_output: float = 1.0
     backend: str = "auto"
+    teacher_temperature: Optional[float] = None  # None: temperature
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: store the normalised values
         set_(self, "temperature", check_number("temperature", self.temperature, "> 0", lambda v: v > 0))
+        if self.teacher_temperature is not None:  # kept None, so that "not given" stays visible
+            set_(self, "teacher_temperature",
+                 check_number("teacher_temperature", self.teacher_temperature, "> 0 (or None)", lambda v: v > 0))
         check_choice("divergence", self.divergence, DIVERGENCES)
         set_(self, "beta", check_number("beta", self.beta, "in [0, 1]", lambda v: 0 <= v <= 1))
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
@@ -88,7 +92,9 @@ class LossOptions:
         divergence = DIVERGENCE_CODES[self.divergence]
         if self.divergence == "jsd" and self.beta in (0.0, 1.0):  # the GKD / Liger convention
             divergence = FORWARD_KL if self.beta == 0.0 else REVERSE_KL
-        return KernelParams(self.temperature, divergence, self.beta, self.ignore_index, self.hard_weight > 0)
+        teacher_temperature = self.temperature if self.teacher_temperature is None else self.teacher_temperature
+        return KernelParams(self.temperature, teacher_temperature, divergence, self.beta, self.ignore_index,
+                            self.hard_weight > 0)
 
     @property
     def kd_scale(self) -> float:

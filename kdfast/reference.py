@@ -20,9 +20,10 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(live, p * diff, 0.0).sum(-1)
 
 
-def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, divergence="forward_kl", beta=0.5,
-                      labels=None, ignore_index=-100, reduction="batchmean", scale_t2=True, hard_weight=0.0,
-                      soft_weight=1.0, vocab_size=None, return_parts=False, dtype=torch.float64):
+def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=None,
+                      divergence="forward_kl", beta=0.5, labels=None, ignore_index=-100, reduction="batchmean",
+                      scale_t2=True, hard_weight=0.0, soft_weight=1.0, vocab_size=None, return_parts=False,
+                      dtype=torch.float64):
     """kd_loss computed in ``dtype`` (float64: the oracle; float32: how well plain fp32 math
     can do on these inputs); returns (loss, kd, hard) when return_parts, like kdfast.kd_loss."""
     s = student_logits.to(dtype)
@@ -32,7 +33,7 @@ def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, diverg
     lead_shape, vocab = s.shape[:-1], s.shape[-1]
     s, t = s.reshape(-1, vocab), t.reshape(-1, vocab)
     log_ps = torch.log_softmax(s / temperature, dim=-1)
-    log_pt = torch.log_softmax(t / temperature, dim=-1)
+    log_pt = torch.log_softmax(t / (temperature if teacher_temperature is None else teacher_temperature), dim=-1)
 
     if divergence == "jsd" and beta in (0.0, 1.0):  # the GKD / Liger convention
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"

@@ -51,6 +51,9 @@ def check_sparse_options(opts: LossOptions, tail: str) -> None:
     check_choice("reduction", opts.reduction, SPARSE_REDUCTIONS)
     if opts.vocab_size is not None:
         raise ValueError("vocab_size does not apply to a sparse teacher: its ids say which tokens it covers")
+    if opts.teacher_temperature is not None:
+        raise ValueError("teacher_temperature does not apply to a sparse teacher: its log-probabilities are taken "
+                         "as given (capture them at the temperature wanted, e.g. teacher_topk(..., temperature=T))")
     if tail != "bucket" and opts.divergence != "forward_kl":
         raise ValueError(f"tail={tail!r} is defined for divergence='forward_kl' only, got "
                          f"divergence={opts.divergence!r}; use tail='bucket' for other divergences")

@@ -54,7 +54,8 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 class KernelParams(NamedTuple):
-    temperature: float
+    temperature: float  # the student's; d(loss)/ds carries its 1 / T
+    teacher_temperature: float  # the teacher's softmax is taken at it (LossOptions: default temperature)
     divergence: int  # FORWARD_KL, REVERSE_KL or JSD; jsd with beta 0 or 1 never reaches a backend
     beta: float
     ignore_index: int

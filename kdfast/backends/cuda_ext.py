@@ -47,8 +47,7 @@ def unavailable_reason() -> str | None:
 
 
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
-    return _extension().kd_forward(student, teacher, labels, grad, coefs, params.temperature, params.divergence,
-                                   params.beta, params.ignore_index, params.hard)
+    return _extension().kd_forward(student, teacher, labels, grad, coefs, *params)
 
 
 def scale_grad_(grad, grad_output):

@@ -58,7 +58,7 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     max_s, max_t = s.amax(-1, keepdim=True), t.amax(-1, keepdim=True)
     # Centre before dividing by T: x - max is exact where it matters, even for huge logits.
     log_ps = torch.log_softmax((s - max_s).mul_(inv_temp), dim=-1)
-    log_pt = torch.log_softmax((t - max_t).mul_(inv_temp), dim=-1)
+    log_pt = torch.log_softmax((t - max_t).mul_(1.0 / params.teacher_temperature), dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
     if params.divergence == FORWARD_KL:
         kd = _weighted_sum(pt, log_pt - log_ps)

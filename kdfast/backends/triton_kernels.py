@@ -81,7 +81,7 @@ def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A:
 def _kd_rows_kernel(
     s_ptr, t_ptr, g_ptr, labels_ptr, coefs_ptr, kd_out_ptr, ce_out_ptr,
     rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m, g_stride_b, g_stride_m,
-    vocab, inv_temp, ignore_index,
+    vocab, inv_temp, inv_temp_t, ignore_index,  # inv_temp_t: 1 / the teacher's temperature
     w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,  # jsd: kdfast.backends.JsdWeights
     DIVERGENCE: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     TEACHER_IS_A: tl.constexpr, BLOCK: tl.constexpr,
@@ -130,7 +130,7 @@ def _kd_rows_kernel(
             shift_t = tl.where(new_m_t > float("-inf"), new_m_t, 0.0)
             # Rescale what was summed against the old shifts (nothing was, before a max).
             da_s = (shift_s - old_shift_s) * inv_temp
-            da_t = (shift_t - old_shift_t) * inv_temp
+            da_t = (shift_t - old_shift_t) * inv_temp_t
             f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
             f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
             # A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
@@ -147,7 +147,7 @@ def _kd_rows_kernel(
             m_t = new_m_t
 
             a_s = (xs - shift_s) * inv_temp
-            a_t = (xt - shift_t) * inv_temp
+            a_t = (xt - shift_t) * inv_temp_t
             e_s = tl.exp(a_s)
             e_t = tl.exp(a_t)
             acc_zs += e_s
@@ -183,7 +183,7 @@ def _kd_rows_kernel(
                 xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                 log_ps = (xs - shift_s) * inv_temp - log_zs
-                log_pt = (xt - shift_t) * inv_temp - log_zt
+                log_pt = (xt - shift_t) * inv_temp_t - log_zt
                 p_s = tl.exp(log_ps)
                 p_t = tl.exp(log_pt)
                 teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c,
@@ -222,14 +222,14 @@ def _kd_rows_kernel(
                 p_s = tl.exp(log_ps)
                 if DIVERGENCE == 0:
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    d = p_s - tl.exp((xt - shift_t) * inv_temp - log_zt)
+                    d = p_s - tl.exp((xt - shift_t) * inv_temp_t - log_zt)
                 elif DIVERGENCE == 1:
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    log_pt = (xt - shift_t) * inv_temp - log_zt
+                    log_pt = (xt - shift_t) * inv_temp_t - log_zt
                     d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
                 else:
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                    log_pt = (xt - shift_t) * inv_temp - log_zt
+                    log_pt = (xt - shift_t) * inv_temp_t - log_zt
                     _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
                                                        TEACHER_IS_A)
                     # log p_s - log m = -student_vs_mix
@@ -278,7 +278,7 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
             student, teacher, g, labels if labels is not None else kd_rows, coefs.float(), kd_rows, ce_rows,
             rows_per_batch, student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1),
             g.stride(0), g.stride(1),
-            vocab, 1.0 / params.temperature, params.ignore_index,
+            vocab, 1.0 / params.temperature, 1.0 / params.teacher_temperature, params.ignore_index,
             jsd.w_small, jsd.log_w_small, jsd.c, jsd.split, jsd.teacher, jsd.student,
             DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None,
             WRITE_GRAD=grad is not None, TEACHER_IS_A=jsd.teacher_is_a, BLOCK=block, num_warps=num_warps,

@@ -44,6 +44,43 @@ def test_hard_label_mixing(gen, backend, device, divergence, temperature, scale_
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("divergence,beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("temperature,teacher_temperature,scale_t2", [(2.0, 1.0, True), (0.7, 3.0, False)])
+def test_teacher_temperature(gen, backend, device, dtype, divergence, beta, temperature, teacher_temperature,
+                             scale_t2):
+    shape = shape_for(backend, device)
+    s, t = make_logits(gen, shape, dtype, device)
+    labels = make_labels(gen, shape[:-1], shape[-1], device)
+    run_and_compare(s, t, labels=labels, backend=backend, temperature=temperature,
+                    teacher_temperature=teacher_temperature, divergence=divergence, beta=beta, scale_t2=scale_t2,
+                    hard_weight=0.2)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_teacher_given_as_log_probabilities_at_the_temperature(gen, backend, device, divergence):
+    """A teacher's log-probabilities at T are teacher_temperature=1: the same loss and gradient as its logits."""
+    shape = shape_for(backend, device)
+    s, t = make_logits(gen, shape, torch.float32, device)
+    t_logprobs = torch.log_softmax(t / 2.5, dim=-1)
+    run_and_compare(s, t_logprobs, backend=backend, temperature=2.5, teacher_temperature=1.0, divergence=divergence)
+    from_logits, from_logprobs = (s.detach().clone().requires_grad_() for _ in range(2))
+    kdfast.kd_loss(from_logits, t, backend=backend, temperature=2.5, divergence=divergence).backward()
+    kdfast.kd_loss(from_logprobs, t_logprobs, backend=backend, temperature=2.5, teacher_temperature=1,
+                   divergence=divergence).backward()
+    torch.testing.assert_close(from_logprobs.grad, from_logits.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_teacher_temperature_none_is_temperature(gen, backend, device):
+    s, t = make_logits(gen, (3, 40), torch.float32, device)
+    default = kdfast.kd_loss(s, t, backend=backend, temperature=1.7, reduction="none")
+    same = kdfast.kd_loss(s, t, backend=backend, temperature=1.7, teacher_temperature=1.7, reduction="none")
+    assert torch.equal(default, same)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_mixed_student_teacher_dtypes(gen, backend, device):
     shape = shape_for(backend, device)
     s, t = make_logits(gen, shape, torch.bfloat16, device)

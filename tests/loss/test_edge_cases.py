@@ -123,7 +123,7 @@ def test_out_of_range_labels_give_nan_rows_in_the_kernels(gen, backend, device, 
     bad, ignored, good = [1, 2], [3], [0, 4, 5]
     grad = torch.empty_like(s)
     coefs = torch.tensor([0.7, 0.3 if hard else 0.0], device=device)
-    params = KernelParams(1.5, DIVERGENCE_CODES[divergence], 0.4, -100, hard)
+    params = KernelParams(1.5, 0.8, DIVERGENCE_CODES[divergence], 0.4, -100, hard)
     kd, ce = registry.backend(backend).kd_forward(s, t, labels, grad, coefs, params)
     assert kd[bad].isnan().all() and torch.isfinite(kd[good]).all() and (kd[ignored] == 0).all()
     assert ce[bad].isnan().all() if hard else (ce[bad] == 0).all()
@@ -166,6 +166,23 @@ def test_strided_inputs(gen, backend, device):
     run_and_compare(st, t, backend=backend, divergence="reverse_kl")
     # every other row
     run_and_compare(s[:, ::2], t[:, ::2], backend=backend, divergence="jsd")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence,beta", DIVERGENCES)
+def test_teacher_temperature_on_awkward_inputs(gen, backend, device, divergence, beta):
+    """-inf on both sides and in the teacher alone, huge logits, an odd vocabulary, strided fp16 views."""
+    s, t = make_logits(gen, (2, 6, 263), torch.float32, device, scale=20.0)
+    s[..., 250:] = -math.inf
+    t[..., 250:] = -math.inf
+    if divergence != "reverse_kl":  # where only the teacher is -inf, reverse KL is +inf
+        t[:, :, ::7] = -math.inf
+    options = dict(backend=backend, divergence=divergence, beta=beta, teacher_temperature=0.5)
+    loss, _, _, _ = run_and_compare(s + 1e4, t - 1e4, temperature=3.0, math_tol=1e-4, **options)
+    assert torch.isfinite(loss)
+    labels = make_labels(gen, (2, 5), 250, device)  # a label at a -inf logit: an infinite cross-entropy
+    h, ht = (s / 4).half(), (t / 4).half()  # logits of an ordinary spread: fp16 rounding of 80 is 0.03
+    run_and_compare(h[:, :-1], ht[:, 1:], labels=labels, temperature=0.9, hard_weight=0.3, **options)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

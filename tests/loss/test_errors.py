@@ -29,6 +29,16 @@ CASES = [
     ("temperature inf", (S, T), {"temperature": float("inf")}, ValueError, "temperature must be finite"),
     ("temperature tensor", (S, T), {"temperature": torch.tensor(2.0)}, TypeError, "temperature must be a real number"),
     ("temperature bool", (S, T), {"temperature": True}, TypeError, "temperature must be a real number"),
+    ("teacher_temperature zero", (S, T), {"teacher_temperature": 0}, ValueError,
+     r"teacher_temperature must be finite and > 0 \(or None\), got 0.0"),
+    ("teacher_temperature negative", (S, T), {"teacher_temperature": -2.0}, ValueError,
+     "teacher_temperature must be finite and > 0"),
+    ("teacher_temperature nan", (S, T), {"teacher_temperature": float("nan")}, ValueError,
+     "teacher_temperature must be finite"),
+    ("teacher_temperature inf", (S, T), {"teacher_temperature": float("inf")}, ValueError,
+     "teacher_temperature must be finite"),
+    ("teacher_temperature string", (S, T), {"teacher_temperature": "1"}, TypeError,
+     "teacher_temperature must be a real number"),
     ("beta above 1", (S, T), {"divergence": "jsd", "beta": 1.5}, ValueError, r"beta must be finite and in \[0, 1\]"),
     ("beta negative", (S, T), {"beta": -0.1}, ValueError, r"beta must be finite and in \[0, 1\]"),
     ("unknown divergence", (S, T), {"divergence": "kl"}, ValueError, "divergence must be one of 'forward_kl'"),
@@ -103,3 +113,13 @@ def test_available_backends_reports_every_backend():
     assert status["torch"].available
     for info in status.values():
         assert info.reason
+
+
+def test_sparse_losses_refuse_teacher_temperature():
+    ids, logprobs = torch.tensor([[0, 1]] * 4), torch.full((4, 2), -1.0)
+    message = "teacher_temperature does not apply to a sparse teacher"
+    with pytest.raises(ValueError, match=message):
+        kdfast.SparseKDLoss(teacher_temperature=1.0)
+    with pytest.raises(ValueError, match=message):
+        kdfast.fused_linear_sparse_kd_loss(torch.randn(4, 3), torch.randn(10, 3), ids, logprobs,
+                                           teacher_temperature=1.0)

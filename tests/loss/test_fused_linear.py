@@ -48,6 +48,16 @@ def test_matches_matmul_and_reference(gen, backend, device, divergence, reductio
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_teacher_temperature(gen, backend, device, divergence):
+    n, vocab = (19, 131) if interpreted(backend, device) else (53, 517)
+    inputs = make_inputs(gen, n, 24, 40, vocab, device=device)
+    labels = make_labels(gen, (n,), vocab, device)
+    check(inputs, labels, backend, 1e-5, chunk_size=8, temperature=2.0, teacher_temperature=0.8,
+          divergence=divergence, beta=0.3, hard_weight=0.25)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_teacher_vocabulary_padded(gen, backend, device):
     inputs = make_inputs(gen, 21, 16, 16, 200, teacher_vocab=208, device=device)
     check(inputs, None, backend, 1e-5, chunk_size=5, temperature=1.5, vocab_size=200)
