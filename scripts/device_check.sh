@@ -89,7 +89,7 @@ sanitize() {
 bench() {
     local name=$1 budget=$2 cells=$3 suite=$4 impls=$5
     if [[ $DRY == 1 ]]; then
-        suite=quick impls='kdfast-triton' cells=1  # the mechanics, not the cells: keep it short
+        suite=quick impls='kdfast-torch' cells=1  # the mechanics, not the cells: a few tiny ones
     fi
     step "bench_$name" "$budget" "$PY" -m benchmarks.run --suite "$suite" --device "$DEVICE" --impls "$impls" \
         --budget-s "$cells" --out "$BENCH/$name"
