@@ -123,6 +123,19 @@ def _gpu_core() -> Suite:
     )
 
 
+def _gpu_extra() -> Suite:
+    # issue 13's extra shapes for the first GPU run: an unaligned V (GPT-2's 50257, no 16-element
+    # vectors) and fp32 logits at the headline V, kdfast's kernels only, under a small budget.
+    impls = ("kdfast-triton*", "kdfast-cuda*")
+    return Suite(
+        "gpu-extra", "cuda",
+        "The unaligned and fp32 cells: N=8192, V=50257 bf16 forward_kl forward and forward+backward, V=128256 fp32 "
+        "forward_kl forward+backward, kdfast's GPU kernels; starts no cell after 30 s.",
+        (Case("logits", 8192, 50257, "bf16", divergences=("forward_kl",), impls=impls),
+         Case("logits", 8192, 128256, "fp32", divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls)),
+        timing=Timing(warmup_ms=10, rep_ms=40), copy_mib=2048, budget_s=30.0)
+
+
 def _fused_linear(device: str) -> Suite:
     if device == "cuda":
         cases = tuple(Case("fused", n, 128256, "bf16", divergences=("forward_kl",), modes=("fwd+bwd",),
@@ -213,11 +226,12 @@ def get(name: str, device: str, missing_ok: bool = False) -> Optional[Suite]:
     """The suite ``name`` for ``device`` (cpu-core and gpu-core exist for one device only)."""
     makers = {"quick": _quick, "full": _full, "fused-linear": _fused_linear, "sparse": _sparse,
               "cpu-core": lambda d: _cpu_core() if d == "cpu" else None,
-              "gpu-core": lambda d: _gpu_core() if d == "cuda" else None}
+              "gpu-core": lambda d: _gpu_core() if d == "cuda" else None,
+              "gpu-extra": lambda d: _gpu_extra() if d == "cuda" else None}
     suite = makers[name](device)
     if suite is None and not missing_ok:
         raise ValueError(f"suite {name!r} runs on {'cpu' if name == 'cpu-core' else 'cuda'} only, not on {device}")
     return suite
 
 
-NAMES = ("quick", "full", "cpu-core", "gpu-core", "fused-linear", "sparse")
+NAMES = ("quick", "full", "cpu-core", "gpu-core", "gpu-extra", "fused-linear", "sparse")

@@ -149,6 +149,7 @@ step tests_full 120 "${PYTEST[@]}" -m gpu tests/backends/test_gpu.py --junitxml 
 bench gpu-core 75 40 gpu-core 'kdfast-triton*,kdfast-cuda*'
 bench sparse 45 15 sparse 'kdfast-triton*'
 bench fused-linear 40 10 fused-linear 'kdfast-fused,mm+kdfast'
+bench gpu-extra 45 15 gpu-extra 'kdfast-*'  # V=50257 (unaligned) and fp32
 
 # --- 6. the races and barriers, the remaining GPU tests, then the peers with what time is left
 sanitize racecheck 40 triton,cuda --quick
@@ -165,7 +166,7 @@ if [[ -n $so ]] && command -v cuobjdump > /dev/null; then
     cat "$LOGS/cuda_resources.log" >> "$LOGS/kernel_report.txt"
 fi
 
-# --- pack: at most 8 files (summary.md, logs.tar.gz, kernel_report.txt, one JSON per benchmark)
+# --- pack: at most 8 files (summary.md, logs.tar.gz, kernel_report.txt, the 5 benchmarks' JSON)
 kill "$BUILD_PID" "$CPU_BUILD_PID" 2>/dev/null
 for dir in "$BENCH"/*/; do
     name=$(basename "$dir")
