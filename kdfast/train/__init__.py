@@ -5,6 +5,8 @@
   the fused-linear or the logits path, and held-out evaluation;
 - ``data``: token windows in a resumable, DDP-exact order; ``corpus``: the demo's text
   files and tokenizer;
+- ``teacher_cache``: a teacher's top-k or sampled log-probs captured once into verified shards,
+  and read back to train from;
 - ``checkpoint``: atomic, verified checkpoints; ``runtime``: process group, device, peak
   memory, metrics log, progress bar;
 - ``models``: a small GPT; ``config``: YAML configs to objects; ``cli`` and ``demo``: the
