@@ -5,8 +5,8 @@
 // logits is loaded once from memory (converted to fp32 and divided by T), and while it
 // is in L1 its exponentials are taken against the running maxima (an online softmax:
 // sums are rescaled when a maximum grows). The scaled logits and exponentials stay in
-// a per-thread scratch that fits L2, so the later sweeps (the jsd mixture term, and the
-// gradient, written with streaming stores) never touch the inputs again.
+// a per-thread scratch that fits L2, so the later sweeps (the jsd mixture and tvd terms,
+// and the gradient, written with streaming stores) never touch the inputs again.
 // The Python layer (kdfast/backends/cpu_ext.py) has already validated every input.
 #include <torch/extension.h>
 
@@ -116,6 +116,7 @@ struct RowStats {
   double w = 0;           // forward: sum e_t (a_t - a_s); reverse: sum e_s (a_s - a_t); a = (x - shift) / T
   double z1 = 0;          // hard labels: sum exp(s - shift_s), at T = 1
   float log_zs = 0, log_zt = 0, log_z1 = 0, kd = 0, kl_student_mix = 0;
+  float mean_slope = 0;  // tvd: sum_i p_s,i tvd_slope_i
 };
 
 // Sweep 1. Returns false if the row has no softmax (NaN, +inf, or only -inf).
@@ -170,7 +171,7 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
     }
     st.zs += hsum(vzs);
     st.zt += hsum(vzt);
-    if constexpr (DIV != kJSD) st.w += hsum(vw);
+    if constexpr (DIV == kForwardKL || DIV == kReverseKL) st.w += hsum(vw);
     if constexpr (HARD) st.z1 += hsum(vz1);
   }
   if (!st.seen_s || !st.seen_t) return false;
@@ -235,11 +236,36 @@ void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
   st.kd = static_cast<float>(p.jsd.teacher * kl_t + p.jsd.student * kl_s);
 }
 
+// d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|).
+inline Vec tvd_slope(Vec ps, Vec pt) {
+  const Vec half(0.5f);
+  return Vec::blendv(Vec::blendv(Vec(0.f), Vec(-0.5f), ps < pt), half, ps > pt);
+}
+
+// Sweep 2, tvd only: |p_t - p_s| needs both normalisers first.
+void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
+  double total = 0, mean_slope = 0;
+  for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
+    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
+    Vec va(0.f), vm(0.f);
+    for (int64_t i = b; i < b + kBlock; i += kLanes) {
+      const Vec ps = Vec::loadu(sc.es + i) * scale_s, pt = Vec::loadu(sc.et + i) * scale_t;
+      va += (pt - ps).abs();
+      vm += ps * tvd_slope(ps, pt);
+    }
+    total += hsum(va);
+    mean_slope += hsum(vm);
+  }
+  st.kd = static_cast<float>(0.5 * total);
+  st.mean_slope = static_cast<float>(mean_slope);
+}
+
 // Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype.
 template <int64_t DIV, bool HARD, typename S>
 void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad) {
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t), kd(st.kd),
-      kl_s(st.kl_student_mix);
+      kl_s(st.kl_student_mix), mean_slope(st.mean_slope);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
   const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
   const Vec coef_ce(p.coef_ce), student_weight(static_cast<float>(p.jsd.student));
@@ -257,6 +283,9 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
         const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
         const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
         d = Vec::blendv(zero, ps * (lps - lpt - kd), ps > zero);
+      } else if constexpr (DIV == kTVD) {
+        // d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
+        d = ps * (tvd_slope(ps, Vec::loadu(sc.et + i) * scale_t) - mean_slope);
       } else {
         // log p_s - log m = -(log m - log p_s), which jsd_terms stored over xt.
         const Vec student_vs_mix = Vec::loadu(sc.xt + i);
@@ -320,6 +349,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
         continue;
       }
       if constexpr (DIV == kJSD) jsd_terms(sc, p, st);
+      if constexpr (DIV == kTVD) tvd_terms(sc, p, st);
       kd_out[r] = st.kd;
       ce_out[r] = HARD ? st.shift_s - sc.xs[label] + st.log_z1 : 0.f;
       if (grad_row) write_gradient<DIV, HARD, S>(sc, p, st, label, grad_row);
@@ -341,7 +371,8 @@ void dispatch_divergence(int64_t divergence, bool hard, Fn&& fn) {
     case kForwardKL: return with_hard(std::integral_constant<int64_t, kForwardKL>{});
     case kReverseKL: return with_hard(std::integral_constant<int64_t, kReverseKL>{});
     case kJSD: return with_hard(std::integral_constant<int64_t, kJSD>{});
-    default: TORCH_CHECK(false, "divergence code must be 0, 1 or 2, got ", divergence);
+    case kTVD: return with_hard(std::integral_constant<int64_t, kTVD>{});
+    default: TORCH_CHECK(false, "divergence code must be 0, 1, 2 or 3, got ", divergence);
   }
 }
 

@@ -13,7 +13,7 @@
 
 namespace kdfast_cpu {
 
-enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2 };
+enum Divergence : int64_t { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3 };
 
 // The codes as the dict each extension exports as DIVERGENCE_CODES.
 inline pybind11::dict divergence_codes() {
@@ -21,6 +21,7 @@ inline pybind11::dict divergence_codes() {
   codes["forward_kl"] = static_cast<int64_t>(kForwardKL);
   codes["reverse_kl"] = static_cast<int64_t>(kReverseKL);
   codes["jsd"] = static_cast<int64_t>(kJSD);
+  codes["tvd"] = static_cast<int64_t>(kTVD);
   return codes;
 }
 

@@ -348,7 +348,7 @@ struct SoftmaxStats {
     o.shift_t = __shfl_xor_sync(kFullMask, shift_t, offset);
     o.zs = __shfl_xor_sync(kFullMask, zs, offset);
     o.zt = __shfl_xor_sync(kFullMask, zt, offset);
-    if constexpr (kDiv != KDFAST_JSD) o.w = __shfl_xor_sync(kFullMask, w, offset);
+    if constexpr (kDiv == KDFAST_FORWARD_KL || kDiv == KDFAST_REVERSE_KL) o.w = __shfl_xor_sync(kFullMask, w, offset);
     if constexpr (kHard) o.z1 = __shfl_xor_sync(kFullMask, z1, offset);
     o.flags = __shfl_xor_sync(kFullMask, flags, offset);
     return o;
@@ -403,7 +403,8 @@ __device__ JsdRatios jsd_log_ratios(float log_pt, float log_ps, const JsdWeights
   return w.teacher_is_a ? JsdRatios{ratio_a, ratio_b} : JsdRatios{ratio_b, ratio_a};
 }
 
-// jsd: sum p_t (log2 m - log2 p_t) and sum p_s (log2 m - log2 p_s), m the mixture.
+// The second sweep's sums. jsd: sum p_t (log2 m - log2 p_t) and sum p_s (log2 m - log2 p_s), m the
+// mixture; tvd: sum |p_t - p_s| and sum p_s tvd_slope.
 struct MixtureTerms {
   float kl_t, kl_s;
   static __device__ MixtureTerms identity() { return {0.f, 0.f}; }
@@ -445,7 +446,13 @@ struct RowResult {
   float shift_s, shift_t, log_zs, log_zt, log_z1;
   float kd;    // the divergence, in nats
   float kl_s;  // jsd: KL(p_s || m), in nats
+  float mean_slope;  // tvd: sum_i p_s,i tvd_slope_i
 };
+
+// d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|).
+__device__ __forceinline__ float tvd_slope(float ps, float pt) {
+  return ps > pt ? 0.5f : ps < pt ? -0.5f : 0.f;
+}
 
 template <typename S, typename T, int kDiv, bool kHard>
 __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, const RowGroups& rg, Scales c,
@@ -481,7 +488,9 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
 
   using Stats = SoftmaxStats<kDiv, kHard>;
   Stats st = Stats::identity();
-  const bool one_sweep = grad == nullptr && kDiv != KDFAST_JSD;
+  // jsd and tvd need both normalisers before their terms: a second sweep for the loss.
+  constexpr bool kTwoSweeps = kDiv == KDFAST_JSD || kDiv == KDFAST_TVD;
+  const bool one_sweep = grad == nullptr && !kTwoSweeps;
   sweep<false, false>(row, lane, group, one_sweep,
                       [&](int, const SVec& s, const TVec& t, SVec&) { st.add(s, t, c); });
   st = group_reduce(st, group, c);
@@ -491,7 +500,7 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
 
   // The final combinations in double: they subtract terms the size of log z.
   const double log_zs = log2(double{st.zs}), log_zt = log2(double{st.zt});
-  RowResult res{st.shift_s, st.shift_t, static_cast<float>(log_zs), static_cast<float>(log_zt), 0.f, 0.f, 0.f};
+  RowResult res{st.shift_s, st.shift_t, static_cast<float>(log_zs), static_cast<float>(log_zt), 0.f, 0.f, 0.f, 0.f};
   // KL(p_t || p_s) = E_t[a_t - a_s] - log zt + log zs (the shifts cancel), and symmetrically.
   if constexpr (kDiv == KDFAST_FORWARD_KL) res.kd = static_cast<float>(kLn2 * (st.w / double{st.zt} - log_zt + log_zs));
   if constexpr (kDiv == KDFAST_REVERSE_KL) res.kd = static_cast<float>(kLn2 * (st.w / double{st.zs} - log_zs + log_zt));
@@ -514,6 +523,22 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
     res.kd = static_cast<float>(-kLn2 * (jw.teacher * mt.kl_t + jw.student * mt.kl_s));
     res.kl_s = static_cast<float>(-kLn2 * mt.kl_s);
   }
+  if constexpr (kDiv == KDFAST_TVD) {
+    // Sweep 2: |p_t - p_s| needs both normalisers first.
+    MixtureTerms mt = MixtureTerms::identity();
+    sweep<true, false>(row, lane, group, grad == nullptr, [&](int, const SVec& s, const TVec& t, SVec&) {
+#pragma unroll
+      for (int k = 0; k < W; ++k) {
+        const float ps = exp2f((s.get(k) - res.shift_s) * c.s - res.log_zs);
+        const float pt = exp2f((t.get(k) - res.shift_t) * c.t - res.log_zt);
+        mt.kl_t += fabsf(pt - ps);
+        mt.kl_s += ps * tvd_slope(ps, pt);
+      }
+    });
+    mt = group_reduce(mt, group, c);
+    res.kd = 0.5f * mt.kl_t;
+    res.mean_slope = mt.kl_s;
+  }
   float ce = 0.f;
   if constexpr (kHard) {
     const double log_z1 = log2(double{st.z1});
@@ -528,7 +553,7 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
 
   // The gradient: coef_kd (already over T) * d(kd)/d(s/T) + coef_ce * (softmax(s) - onehot).
   const float student_weight = static_cast<float>(jw.student);
-  sweep<kDiv != KDFAST_JSD, true>(row, lane, group, true, [&](int first, const SVec& s, const TVec& t, SVec& g) {
+  sweep<!kTwoSweeps, true>(row, lane, group, true, [&](int first, const SVec& s, const TVec& t, SVec& g) {
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float lps = (s.get(k) - res.shift_s) * c.s - res.log_zs;
@@ -539,6 +564,9 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
         d = ps - exp2f(lpt);
       } else if constexpr (kDiv == KDFAST_REVERSE_KL) {
         d = ps > 0.f ? ps * (kLn2f * (lps - lpt) - res.kd) : 0.f;
+      } else if constexpr (kDiv == KDFAST_TVD) {
+        // d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
+        d = ps * (tvd_slope(ps, exp2f(lpt)) - res.mean_slope);
       } else {
         // log p_s - log m = -(log m - log p_s)
         d = ps > 0.f ? student_weight * ps * (-kLn2f * jsd_log_ratios(lpt, lps, jw).student - res.kl_s) : 0.f;
@@ -612,6 +640,7 @@ cudaError_t with_divergence(int divergence, bool hard, Fn&& fn) {
     case KDFAST_FORWARD_KL: return with_hard(std::integral_constant<int, KDFAST_FORWARD_KL>{});
     case KDFAST_REVERSE_KL: return with_hard(std::integral_constant<int, KDFAST_REVERSE_KL>{});
     case KDFAST_JSD: return with_hard(std::integral_constant<int, KDFAST_JSD>{});
+    case KDFAST_TVD: return with_hard(std::integral_constant<int, KDFAST_TVD>{});
     default: return cudaErrorInvalidValue;
   }
 }

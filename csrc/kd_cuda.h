@@ -21,8 +21,8 @@ extern "C" {
 /* Element types of logits and gradients; all math is fp32 whatever the type. */
 enum { KDFAST_FLOAT32 = 0, KDFAST_BFLOAT16 = 1, KDFAST_FLOAT16 = 2 };
 
-/* Divergence codes, the same as kdfast.backends' FORWARD_KL, REVERSE_KL and JSD. */
-enum { KDFAST_FORWARD_KL = 0, KDFAST_REVERSE_KL = 1, KDFAST_JSD = 2 };
+/* Divergence codes, the same as kdfast.backends' FORWARD_KL, REVERSE_KL, JSD and TVD. */
+enum { KDFAST_FORWARD_KL = 0, KDFAST_REVERSE_KL = 1, KDFAST_JSD = 2, KDFAST_TVD = 3 };
 
 /* Row r = b * rows_per_batch + m starts at data + b * stride_b + m * stride_m. */
 typedef struct {
@@ -51,7 +51,7 @@ typedef struct {
   float teacher_temperature; /* > 0: the teacher's softmax is taken at it */
   double beta;           /* jsd mixture weight, in (0, 1); double, for 1 - beta near 0 */
   int64_t ignore_index;  /* rows with this label are not read: 0 loss, zero gradient */
-  int divergence;        /* KDFAST_FORWARD_KL, KDFAST_REVERSE_KL or KDFAST_JSD */
+  int divergence;        /* KDFAST_FORWARD_KL, KDFAST_REVERSE_KL, KDFAST_JSD or KDFAST_TVD */
   int hard;              /* nonzero: also the hard-label cross-entropy (needs labels) */
 } KdCudaArgs;
 

@@ -92,7 +92,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Checked against kdfast.backends.DIVERGENCE_CODES when the extension loads.
   m.attr("DIVERGENCE_CODES") = py::dict(py::arg("forward_kl") = static_cast<int64_t>(KDFAST_FORWARD_KL),
                                         py::arg("reverse_kl") = static_cast<int64_t>(KDFAST_REVERSE_KL),
-                                        py::arg("jsd") = static_cast<int64_t>(KDFAST_JSD));
+                                        py::arg("jsd") = static_cast<int64_t>(KDFAST_JSD),
+                                        py::arg("tvd") = static_cast<int64_t>(KDFAST_TVD));
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),

@@ -67,13 +67,17 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
             teacher_temperature=1`` (log_softmax is idempotent, so they pass through unchanged).
         divergence: "forward_kl" = KL(p_t || p_s), "reverse_kl" = KL(p_s || p_t), or "jsd", the
             generalised Jensen-Shannon divergence of TRL's GKD and Liger with mixture
-            m = beta p_t + (1 - beta) p_s; beta = 0 is exactly forward_kl and beta = 1 reverse_kl.
+            m = beta p_t + (1 - beta) p_s; beta = 0 is exactly forward_kl and beta = 1 reverse_kl;
+            or "tvd", the total variation distance 0.5 sum |p_t - p_s| (its subgradient, with
+            sign(0) = 0).
         beta: jsd only, in [0, 1].
         labels: optional (...,) int64 token ids; rows whose label is ignore_index are not counted
             (and not read). Required when hard_weight > 0.
         reduction: "batchmean" (sum over counted rows / their number), "sum", "mean" (sum / (rows x V),
             torch's KLDivLoss meaning; the hard part is averaged over rows), or "none" (per-row, 0 at ignored rows).
         scale_t2: multiply the divergence by T**2 (Hinton et al.) so gradients keep their size as T changes.
+            That holds for the KL divergences (whose gradient scales as 1 / T**2); TVD's gradient scales as
+            1 / T, so with scale_t2 it grows as T: TVD users may prefer scale_t2=False.
         hard_weight: adds hard_weight * cross_entropy(student_logits at T = 1, labels).
         soft_weight: scales the distillation part.
         vocab_size: compare only the first vocab_size entries (e.g. a teacher with a padded vocabulary).

@@ -51,6 +51,9 @@ def check_sparse_options(opts: LossOptions, tail: str) -> None:
     check_choice("reduction", opts.reduction, SPARSE_REDUCTIONS)
     if opts.vocab_size is not None:
         raise ValueError("vocab_size does not apply to a sparse teacher: its ids say which tokens it covers")
+    if opts.divergence == "tvd":
+        raise ValueError("divergence='tvd' is not supported by the sparse losses: use 'forward_kl', 'reverse_kl' "
+                         "or 'jsd', or kd_loss / fused_linear_kd_loss with the teacher's logits")
     if opts.teacher_temperature is not None:
         raise ValueError("teacher_temperature does not apply to a sparse teacher: its log-probabilities are taken "
                          "as given (capture them at the temperature wanted, e.g. teacher_topk(..., temperature=T))")

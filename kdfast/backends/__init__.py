@@ -44,8 +44,8 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-FORWARD_KL, REVERSE_KL, JSD = 0, 1, 2
-DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD}
+FORWARD_KL, REVERSE_KL, JSD, TVD = 0, 1, 2, 3
+DIVERGENCE_CODES = {"forward_kl": FORWARD_KL, "reverse_kl": REVERSE_KL, "jsd": JSD, "tvd": TVD}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -56,7 +56,7 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 class KernelParams(NamedTuple):
     temperature: float  # the student's; d(loss)/ds carries its 1 / T
     teacher_temperature: float  # the teacher's softmax is taken at it (LossOptions: default temperature)
-    divergence: int  # FORWARD_KL, REVERSE_KL or JSD; jsd with beta 0 or 1 never reaches a backend
+    divergence: int  # FORWARD_KL, REVERSE_KL, JSD or TVD; jsd with beta 0 or 1 never reaches a backend
     beta: float
     ignore_index: int
     hard: bool  # compute the hard-label cross-entropy (and its gradient) too

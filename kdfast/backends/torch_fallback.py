@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from . import FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, Backend, KernelParams, compute_dtype, jsd_weights
+from . import (FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, TVD, Backend, KernelParams, compute_dtype,
+               jsd_weights)
 
 CHUNK_ELEMENTS = 1 << 21  # elements per temporary; about eight temporaries are alive at once
 
@@ -67,6 +68,15 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
         log_ratio = log_ps - log_pt
         kd = _weighted_sum(ps, log_ratio)
         d_kd = torch.where(ps > 0, ps * log_ratio.sub_(kd[:, None]), 0.0) if want_grad else None
+    elif params.divergence == TVD:
+        # d(0.5 sum_i |p_t,i - p_s,i|)/d(s_j / T) = p_s,j (g_j - sum_i p_s,i g_i), g = 0.5 sign(p_s - p_t),
+        # the subgradient with sign(0) = 0 (as autograd's |x|).
+        diff = ps - pt
+        kd = 0.5 * diff.abs().sum(-1)
+        d_kd = None
+        if want_grad:
+            g = diff.sign_().mul_(0.5)
+            d_kd = ps * (g - (ps * g).sum(-1, keepdim=True))
     else:
         assert params.divergence == JSD and 0.0 < params.beta < 1.0
         weights = jsd_weights(params.beta)

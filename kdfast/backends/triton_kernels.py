@@ -7,8 +7,9 @@ KL(p_t || p_s) = E_t[a_t - a_s] - log z_t + log z_s with a = (x - max) / T.
 When a gradient is wanted, the same program sweeps the row a second time, in reverse
 block order so that the blocks it read last (most likely still in L2) are re-read first,
 and writes coefs[0] * d(kd)/ds + coefs[1] * d(ce)/ds in the student's dtype, possibly
-over the student logits themselves. jsd needs the normalisers before its mixture term,
-so it reads the row once more for the loss. Forward-only calls skip the gradient sweep.
+over the student logits themselves. jsd and tvd need the normalisers before their mixture
+and |p_t - p_s| terms, so they read the row once more for the loss. Forward-only calls skip
+the gradient sweep.
 
 Without a GPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1), which is
 how the CPU test-suite covers them.
@@ -23,10 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FORWARD_KL, JSD, REVERSE_KL, Backend, KernelParams, jsd_weights, on_device_of
+from . import FORWARD_KL, JSD, REVERSE_KL, TVD, Backend, KernelParams, jsd_weights, on_device_of
 from .triton_sparse import _expm1, _log1p, sparse_kd_forward
 
-assert (FORWARD_KL, REVERSE_KL, JSD) == (0, 1, 2)  # the DIVERGENCE codes the kernel tests for
+assert (FORWARD_KL, REVERSE_KL, JSD, TVD) == (0, 1, 2, 3)  # the DIVERGENCE codes the kernel tests for
 
 
 @functools.cache
@@ -75,6 +76,12 @@ def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A:
     else:
         teacher_vs_mix, student_vs_mix = ratio_b, ratio_a
     return teacher_vs_mix, student_vs_mix
+
+
+@triton.jit
+def tvd_slope(p_s, p_t):
+    """d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|)."""
+    return tl.where(p_s > p_t, 0.5, tl.where(p_s < p_t, -0.5, 0.0))
 
 
 @triton.jit
@@ -169,12 +176,14 @@ def _kd_rows_kernel(
         log_zs = tl.log(z_s) + nan_if_unseen
         log_zt = tl.log(z_t) + nan_if_unseen
         kl_student_mix = 0.0
+        mean_slope = 0.0  # tvd: sum_i p_s,i tvd_slope_i
         if DIVERGENCE == 0:
             kd = tl.sum(acc_w, axis=0) / z_t - log_zt + log_zs
         elif DIVERGENCE == 1:
             kd = tl.sum(acc_w, axis=0) / z_s - log_zs + log_zt
         else:
-            # Sweep 2 (jsd): the mixture m = beta p_t + (1 - beta) p_s needs both normalisers.
+            # Sweep 2 (jsd, tvd): the mixture m = beta p_t + (1 - beta) p_s, or |p_t - p_s|, needs both
+            # normalisers. jsd: KL(p_t || m) and KL(p_s || m); tvd: |p_t - p_s| and p_s tvd_slope.
             acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
             acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
             for blk in range(0, n_blocks):
@@ -186,13 +195,21 @@ def _kd_rows_kernel(
                 log_pt = (xt - shift_t) * inv_temp_t - log_zt
                 p_s = tl.exp(log_ps)
                 p_t = tl.exp(log_pt)
-                teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c,
-                                                                jsd_split, TEACHER_IS_A)
-                # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
-                acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
-                acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
-            kl_student_mix = -tl.sum(acc_kl_s, axis=0)
-            kd = -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix
+                if DIVERGENCE == 2:
+                    teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c,
+                                                                    jsd_split, TEACHER_IS_A)
+                    # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
+                    acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
+                    acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
+                else:
+                    acc_kl_t += tl.abs(p_t - p_s)
+                    acc_kl_s += p_s * tvd_slope(p_s, p_t)
+            if DIVERGENCE == 2:
+                kl_student_mix = -tl.sum(acc_kl_s, axis=0)
+                kd = -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix
+            else:
+                kd = 0.5 * tl.sum(acc_kl_t, axis=0)
+                mean_slope = tl.sum(acc_kl_s, axis=0)
 
         # Labels decide which rows count even without the hard term; on a GPU they are not
         # checked on the host (that would sync), so a label out of range makes its row NaN.
@@ -227,6 +244,11 @@ def _kd_rows_kernel(
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     log_pt = (xt - shift_t) * inv_temp_t - log_zt
                     d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
+                elif DIVERGENCE == 3:
+                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                    p_t = tl.exp((xt - shift_t) * inv_temp_t - log_zt)
+                    # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
+                    d = p_s * (tvd_slope(p_s, p_t) - mean_slope)
                 else:
                     xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     log_pt = (xt - shift_t) * inv_temp_t - log_zt

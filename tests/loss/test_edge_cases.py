@@ -13,7 +13,7 @@ import kdfast
 from kdfast.reference import kd_loss_reference
 
 BACKENDS = runnable_backends()
-DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.4)]
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.4), ("tvd", 0.5)]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -123,3 +123,9 @@ def test_sparse_losses_refuse_teacher_temperature():
     with pytest.raises(ValueError, match=message):
         kdfast.fused_linear_sparse_kd_loss(torch.randn(4, 3), torch.randn(10, 3), ids, logprobs,
                                            teacher_temperature=1.0)
+
+
+def test_sparse_losses_refuse_tvd():
+    ids, logprobs = torch.tensor([[0, 1]] * 4), torch.full((4, 2), -1.0)
+    with pytest.raises(ValueError, match="divergence='tvd' is not supported by the sparse losses"):
+        kdfast.sparse_kd_loss(S, ids, logprobs, divergence="tvd")

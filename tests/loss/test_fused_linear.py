@@ -37,7 +37,7 @@ def check(inputs, labels, backend, tol, **options):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 def test_matches_matmul_and_reference(gen, backend, device, divergence, reduction):
     n, vocab = (19, 131) if interpreted(backend, device) else (53, 517)
@@ -48,7 +48,7 @@ def test_matches_matmul_and_reference(gen, backend, device, divergence, reductio
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd", "tvd"])
 def test_teacher_temperature(gen, backend, device, divergence):
     n, vocab = (19, 131) if interpreted(backend, device) else (53, 517)
     inputs = make_inputs(gen, n, 24, 40, vocab, device=device)
