@@ -120,25 +120,34 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     return kd, ce, grad
 
 
-def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
+def _over_row_chunks(student, grad, dtype, chunk_fn):
+    """Runs chunk_fn(student[b, m0:m1] in dtype, b, slice(m0, m1), slice(r0, r1)) over chunks of the
+    (B, M, V) student's rows (r: the flat row index); collects the row losses, and writes the gradient
+    chunks into grad when it is given."""
     n_batch, n_rows, vocab = student.shape
-    dtype = compute_dtype(student.dtype, teacher.dtype)
     kd_rows = torch.zeros(n_batch * n_rows, dtype=dtype, device=student.device)
     ce_rows = torch.zeros_like(kd_rows)
-    coefs = coefs.to(dtype)
     step = max(1, CHUNK_ELEMENTS // vocab)
     for b in range(n_batch):
         for m0 in range(0, n_rows, step):
             m1 = min(n_rows, m0 + step)
             r0, r1 = b * n_rows + m0, b * n_rows + m1
-            chunk_labels = None if labels is None else labels[r0:r1]
-            kd, ce, g = _chunk(student[b, m0:m1].to(dtype), teacher[b, m0:m1].to(dtype), chunk_labels, coefs,
-                               params, want_grad=grad is not None)
-            kd_rows[r0:r1] = kd
-            ce_rows[r0:r1] = ce
+            kd_rows[r0:r1], ce_rows[r0:r1], g = chunk_fn(student[b, m0:m1].to(dtype), b, slice(m0, m1),
+                                                         slice(r0, r1))
             if grad is not None:
                 grad[b, m0:m1] = g
     return kd_rows, ce_rows
+
+
+def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    coefs = coefs.to(dtype)
+
+    def chunk(s, b: int, positions: slice, rows: slice):
+        return _chunk(s, teacher[b, positions].to(dtype), None if labels is None else labels[rows], coefs, params,
+                      want_grad=grad is not None)
+
+    return _over_row_chunks(student, grad, dtype, chunk)
 
 
 # --- the sparse-teacher loss (kdfast.sparse) ---
@@ -232,24 +241,14 @@ def _sparse_chunk(s, ids, log_q, labels, coefs, params, want_grad: bool):
 
 def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
     """The sparse-teacher loss: (B, M, V) student rows against (B*M, K) ids and log-probabilities."""
-    n_batch, n_rows, vocab = student.shape
     dtype = compute_dtype(student.dtype, logprobs.dtype)
-    kd_rows = torch.zeros(n_batch * n_rows, dtype=dtype, device=student.device)
-    ce_rows = torch.zeros_like(kd_rows)
     coefs = coefs.to(dtype)
-    step = max(1, CHUNK_ELEMENTS // vocab)
-    for b in range(n_batch):
-        for m0 in range(0, n_rows, step):
-            m1 = min(n_rows, m0 + step)
-            r0, r1 = b * n_rows + m0, b * n_rows + m1
-            kd, ce, g = _sparse_chunk(student[b, m0:m1].to(dtype), ids[r0:r1], logprobs[r0:r1].to(dtype),
-                                      None if labels is None else labels[r0:r1], coefs, params,
-                                      want_grad=grad is not None)
-            kd_rows[r0:r1] = kd
-            ce_rows[r0:r1] = ce
-            if grad is not None:
-                grad[b, m0:m1] = g
-    return kd_rows, ce_rows
+
+    def chunk(s, b: int, positions: slice, rows: slice):
+        return _sparse_chunk(s, ids[rows], logprobs[rows].to(dtype), None if labels is None else labels[rows], coefs,
+                             params, want_grad=grad is not None)
+
+    return _over_row_chunks(student, grad, dtype, chunk)
 
 
 BACKEND = Backend("torch", None, (torch.float32, torch.bfloat16, torch.float16, torch.float64), unavailable_reason,
