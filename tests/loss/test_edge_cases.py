@@ -96,7 +96,9 @@ def test_maximum_jumping_far_after_a_minus_inf_entry(gen, backend, device, diver
 def test_jsd_is_accurate_at_any_beta(gen, backend, device, vocab, beta):
     """With beta (or 1 - beta) tiny, log m - log p of the heavier side is tiny: computed as a
     difference of fp32 logarithms it would be all rounding error (the loss at beta = 1.5e-22,
-    V = 2 was 1e-8 instead of 4e-24)."""
+    V = 2 was 1e-8 instead of 4e-24). A row whose two distributions nearly agree keeps an error
+    of about eps_fp32 * |p_t - p_s| per weight: the fp32 logits themselves carry it, so an
+    absolute allowance of that size (scaled by beta (1 - beta)) is not slack in the kernel."""
     s, t = make_logits(gen, (4, vocab), torch.float32, device)
     leaf = s.clone().requires_grad_()
     rows = kdfast.kd_loss(leaf, t, backend=backend, divergence="jsd", beta=beta, temperature=1.5, reduction="none")
@@ -104,7 +106,7 @@ def test_jsd_is_accurate_at_any_beta(gen, backend, device, vocab, beta):
     s64 = s.double().cpu().requires_grad_()
     ref = kd_loss_reference(s64, t.double().cpu(), divergence="jsd", beta=beta, temperature=1.5, reduction="none")
     ref.sum().backward()
-    torch.testing.assert_close(rows.double().cpu(), ref.detach(), rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(rows.double().cpu(), ref.detach(), rtol=1e-4, atol=1e-6 * beta * (1 - beta))
     assert rel_err(leaf.grad, s64.grad) < 1e-4
 
 
