@@ -52,8 +52,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
             teacher_temperature: Optional[float] = None, divergence: str = "forward_kl", beta: float = 0.5, labels: Optional[Tensor] = None,
             ignore_index: int = -100, reduction: str = "batchmean", scale_t2: bool = True, hard_weight: float = 0.0,
             soft_weight: float = 1.0, vocab_size: Optional[int] = None, inplace_backward: bool = False,
-            expected_grad_output: float = 1.0, num_items_in_batch=None, return_parts: bool = False,
-            backend: str = "auto"):
+            expected_grad_output: float = 1.0, num_items_in_batch=None, softcap=None, logit_scale=None,
+            return_parts: bool = False, backend: str = "auto"):
     """Knowledge-distillation loss between temperature-softened student and teacher distributions.
 
     Args:
@@ -91,6 +91,13 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
             rows: the counted tokens of the whole optimizer step (all micro-batches and processes),
             so that gradient accumulation and data parallelism average over tokens exactly.
             ``kd_loss(..., num_items_in_batch=n)`` equals ``kd_loss(..., reduction="sum") / n``.
+        softcap: None, a cap c > 0 for both sides, or a (student, teacher) pair whose entries may be
+            None: that side's logits z become c * tanh(z / c) before the temperature (Gemma 2's
+            ``final_logit_softcapping``), after logit_scale. Give it only for raw lm_head outputs
+            (e.g. with fused_linear_kd_loss): a model's returned logits are capped already.
+        logit_scale: None, s > 0 for both sides, or a (student, teacher) pair: z becomes s * z (Cohere's
+            ``logit_scale``; Granite's ``logits_scaling`` is 1 / s). The hard-label cross-entropy is
+            taken on the transformed student logits, and the gradient goes through the transforms.
         return_parts: return KDLossParts(loss, kd, hard), the two parts detached for logging.
         backend: "auto", "triton", "cuda", "cpu" or "torch".
 
@@ -101,7 +108,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
     opts = LossOptions(temperature=temperature, teacher_temperature=teacher_temperature, divergence=divergence,
                        beta=beta, ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
                        vocab_size=vocab_size, inplace_backward=inplace_backward,
-                       expected_grad_output=expected_grad_output, backend=backend)
+                       expected_grad_output=expected_grad_output, softcap=softcap, logit_scale=logit_scale,
+                       backend=backend)
     return _kd_loss_with_options(student_logits, teacher_logits, labels, opts, return_parts, num_items_in_batch)
 
 

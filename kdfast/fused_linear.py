@@ -77,7 +77,8 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
         num_items_in_batch: as in kd_loss.
         return_parts: return KDLossParts(loss, kd, hard), the parts detached for logging.
         **options: kd_loss's keywords: temperature, teacher_temperature, divergence, beta, ignore_index, reduction, scale_t2,
-            hard_weight, soft_weight, vocab_size, expected_grad_output, backend (inplace_backward has no
+            hard_weight, soft_weight, vocab_size, softcap and logit_scale (applied to each chunk's logits in the
+            kernel: a Gemma-2 or Cohere head's real output), expected_grad_output, backend (inplace_backward has no
             effect: the chunk logits are always reused for their gradient).
     """
     return _fused_linear_kd_loss_with_options(

@@ -23,14 +23,16 @@ from .reduction import ReductionWeights, weighted_loss
 @torch.library.custom_op("kdfast::kd_forward", mutates_args=("grad",))
 def kd_forward(student: Tensor, teacher: Tensor, labels: Optional[Tensor], grad: Optional[Tensor], coefs: Tensor,
                temperature: float, teacher_temperature: float, divergence: int, beta: float, ignore_index: int,
-               hard: bool, backend: str) -> tuple[Tensor, Tensor]:
-    params = KernelParams(temperature, teacher_temperature, divergence, beta, ignore_index, hard)
+               hard: bool, student_scale: float, student_cap: float, teacher_scale: float, teacher_cap: float,
+               backend: str) -> tuple[Tensor, Tensor]:
+    params = KernelParams(temperature, teacher_temperature, divergence, beta, ignore_index, hard, student_scale,
+                          student_cap, teacher_scale, teacher_cap)
     return registry.backend(backend).kd_forward(student, teacher, labels, grad, coefs, params)
 
 
 @kd_forward.register_fake
 def _(student, teacher, labels, grad, coefs, temperature, teacher_temperature, divergence, beta, ignore_index, hard,
-      backend):
+      student_scale, student_cap, teacher_scale, teacher_cap, backend):
     dtype = compute_dtype(student.dtype, teacher.dtype)
     n_rows = student.shape[0] * student.shape[1]
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)
@@ -39,15 +41,16 @@ def _(student, teacher, labels, grad, coefs, temperature, teacher_temperature, d
 @torch.library.custom_op("kdfast::sparse_kd_forward", mutates_args=("grad",))
 def sparse_kd_forward(student: Tensor, ids: Tensor, logprobs: Tensor, labels: Optional[Tensor],
                       grad: Optional[Tensor], coefs: Tensor, temperature: float, divergence: int, beta: float,
-                      tail: int, mass_tolerance: float, ignore_index: int, hard: bool,
-                      backend: str) -> tuple[Tensor, Tensor]:
-    params = SparseKernelParams(temperature, divergence, beta, tail, mass_tolerance, ignore_index, hard)
+                      tail: int, mass_tolerance: float, ignore_index: int, hard: bool, student_scale: float,
+                      student_cap: float, backend: str) -> tuple[Tensor, Tensor]:
+    params = SparseKernelParams(temperature, divergence, beta, tail, mass_tolerance, ignore_index, hard,
+                                student_scale, student_cap)
     return registry.backend(backend).sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params)
 
 
 @sparse_kd_forward.register_fake
 def _(student, ids, logprobs, labels, grad, coefs, temperature, divergence, beta, tail, mass_tolerance,
-      ignore_index, hard, backend):
+      ignore_index, hard, student_scale, student_cap, backend):
     dtype = compute_dtype(student.dtype, logprobs.dtype)
     n_rows = student.shape[0] * student.shape[1]
     return student.new_empty(n_rows, dtype=dtype), student.new_empty(n_rows, dtype=dtype)

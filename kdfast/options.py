@@ -44,6 +44,22 @@ def check_choice(name: str, value, choices: tuple[str, ...]) -> str:
     return value
 
 
+def check_side_pair(name: str, value) -> Optional[tuple[Optional[float], Optional[float]]]:
+    """A per-side option: None (off), one positive number for both sides, or a (student, teacher) pair
+    whose entries are positive numbers or None; as None or a (student, teacher) pair of floats or None."""
+    if value is None:
+        return None
+    if not isinstance(value, (tuple, list)):
+        value = check_number(name, value, "> 0 (or None)", lambda x: x > 0)
+        return value, value
+    if len(value) != 2:
+        raise ValueError(f"{name} must be None, a positive number, or a (student, teacher) pair, got {value!r}")
+    checked = tuple(None if v is None else check_number(f"{name}[{i}] (the {side}'s)", v, "> 0 (or None)",
+                                                        lambda x: x > 0)
+                    for i, (side, v) in enumerate(zip(("student", "teacher"), value)))
+    return None if checked == (None, None) else checked
+
+
 @dataclass(frozen=True)
 class LossOptions:
     """The keyword options of kd_loss and the fused-linear loss, validated at construction."""
@@ -61,6 +77,8 @@ class LossOptions:
     expected_grad_output: float = 1.0
     backend: str = "auto"
     teacher_temperature: Optional[float] = None  # None: temperature
+    softcap: Optional[tuple] = None  # per side (check_side_pair): z -> cap tanh(z / cap)
+    logit_scale: Optional[tuple] = None  # per side: z -> scale z, before the soft cap
 
     def __post_init__(self):
         set_ = object.__setattr__  # frozen: store the normalised values
@@ -68,6 +86,8 @@ class LossOptions:
         if self.teacher_temperature is not None:  # kept None, so that "not given" stays visible
             set_(self, "teacher_temperature",
                  check_number("teacher_temperature", self.teacher_temperature, "> 0 (or None)", lambda v: v > 0))
+        for name in ("softcap", "logit_scale"):
+            set_(self, name, check_side_pair(name, getattr(self, name)))
         check_choice("divergence", self.divergence, DIVERGENCES)
         set_(self, "beta", check_number("beta", self.beta, "in [0, 1]", lambda v: 0 <= v <= 1))
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
@@ -94,7 +114,14 @@ class LossOptions:
             divergence = FORWARD_KL if self.beta == 0.0 else REVERSE_KL
         teacher_temperature = self.temperature if self.teacher_temperature is None else self.teacher_temperature
         return KernelParams(self.temperature, teacher_temperature, divergence, self.beta, self.ignore_index,
-                            self.hard_weight > 0)
+                            self.hard_weight > 0, *self.logit_transforms("student"), *self.logit_transforms("teacher"))
+
+    def logit_transforms(self, side: str) -> tuple[float, float]:
+        """(scale, cap) of one side's logits as the kernels take them: 1.0 and 0.0 when off."""
+        index = ("student", "teacher").index(side)
+        scale = self.logit_scale[index] if self.logit_scale is not None else None
+        cap = self.softcap[index] if self.softcap is not None else None
+        return (1.0 if scale is None else scale), (0.0 if cap is None else cap)
 
     @property
     def kd_scale(self) -> float:

@@ -20,14 +20,27 @@ def _kl_rows(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return torch.where(live, p * diff, 0.0).sum(-1)
 
 
+def _side(option, side: int):
+    """One side's value of a per-side option: None, one number for both, or a (student, teacher) pair."""
+    return option[side] if isinstance(option, (tuple, list)) else option
+
+
+def transformed_logits(x: torch.Tensor, softcap=None, logit_scale=None, side: int = 0) -> torch.Tensor:
+    """A side's logits as its model outputs them: scaled by logit_scale, then soft-capped."""
+    scale, cap = _side(logit_scale, side), _side(softcap, side)
+    if scale is not None:
+        x = x * scale
+    return x if cap is None else cap * torch.tanh(x / cap)
+
+
 def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, teacher_temperature=None,
                       divergence="forward_kl", beta=0.5, labels=None, ignore_index=-100, reduction="batchmean",
-                      scale_t2=True, hard_weight=0.0, soft_weight=1.0, vocab_size=None, return_parts=False,
-                      dtype=torch.float64):
+                      scale_t2=True, hard_weight=0.0, soft_weight=1.0, vocab_size=None, softcap=None,
+                      logit_scale=None, return_parts=False, dtype=torch.float64):
     """kd_loss computed in ``dtype`` (float64: the oracle; float32: how well plain fp32 math
     can do on these inputs); returns (loss, kd, hard) when return_parts, like kdfast.kd_loss."""
-    s = student_logits.to(dtype)
-    t = teacher_logits.detach().to(dtype)
+    s = transformed_logits(student_logits.to(dtype), softcap, logit_scale, side=0)
+    t = transformed_logits(teacher_logits.detach().to(dtype), softcap, logit_scale, side=1)
     if vocab_size is not None:
         s, t = s[..., :vocab_size], t[..., :vocab_size]
     lead_shape, vocab = s.shape[:-1], s.shape[-1]
@@ -91,13 +104,14 @@ def _divergence_over_categories(log_p: torch.Tensor, log_q: torch.Tensor, diverg
 def sparse_kd_loss_reference(student_logits, teacher_ids, teacher_logprobs, *, temperature=1.0,
                              divergence="forward_kl", beta=0.5, tail="bucket", mass_tolerance=1e-4, labels=None,
                              ignore_index=-100, reduction="batchmean", scale_t2=True, hard_weight=0.0,
-                             soft_weight=1.0, num_items_in_batch=None, return_parts=False, dtype=torch.float64):
+                             soft_weight=1.0, num_items_in_batch=None, softcap=None, logit_scale=None,
+                             return_parts=False, dtype=torch.float64):
     """sparse_kd_loss from its definition, in ``dtype``: the teacher's distribution is its
     log-probabilities at the row's ids (-1: padding) and, for tail="bucket", one more category
     holding the rest of its mass, against the student's softmax gathered at those ids and its
     own rest, computed from the complement of the ids (the tail is no category when the ids
     cover the vocabulary, and the teacher has none when its rest is within mass_tolerance)."""
-    s = student_logits.to(dtype)
+    s = transformed_logits(student_logits.to(dtype), softcap, logit_scale, side=0)
     lead_shape, vocab = s.shape[:-1], s.shape[-1]
     s = s.reshape(-1, vocab)
     ids = teacher_ids.reshape(s.shape[0], -1).long()

@@ -54,6 +54,12 @@ def check_sparse_options(opts: LossOptions, tail: str) -> None:
     if opts.divergence == "tvd":
         raise ValueError("divergence='tvd' is not supported by the sparse losses: use 'forward_kl', 'reverse_kl' "
                          "or 'jsd', or kd_loss / fused_linear_kd_loss with the teacher's logits")
+    for name in ("softcap", "logit_scale"):
+        value = getattr(opts, name)
+        if value is not None and value[1] is not None and value[1] != value[0]:
+            raise ValueError(f"{name} for the teacher does not apply to a sparse teacher: its log-probabilities are "
+                             f"taken as given (capture them from the teacher's own logits); give {name}=(student, None) "
+                             f"or one number, which transforms the student's logits, got {name}={value!r}")
     if opts.teacher_temperature is not None:
         raise ValueError("teacher_temperature does not apply to a sparse teacher: its log-probabilities are taken "
                          "as given (capture them at the temperature wanted, e.g. teacher_topk(..., temperature=T))")
@@ -164,7 +170,7 @@ def _sparse_kd_loss_with_options(student_logits: Tensor, teacher_ids: Tensor, te
 def sparse_params(opts: LossOptions, tail: str, mass_tolerance: float) -> SparseKernelParams:
     dense = opts.kernel_params
     return SparseKernelParams(dense.temperature, dense.divergence, dense.beta, TAIL_CODES[tail], mass_tolerance,
-                              dense.ignore_index, dense.hard)
+                              dense.ignore_index, dense.hard, dense.student_scale, dense.student_cap)
 
 
 def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, *,
@@ -172,7 +178,7 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
                    labels: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "batchmean",
                    scale_t2: bool = True, hard_weight: float = 0.0, soft_weight: float = 1.0,
                    num_items_in_batch=None, inplace_backward: bool = False, expected_grad_output: float = 1.0,
-                   return_parts: bool = False, backend: str = "auto"):
+                   softcap=None, logit_scale=None, return_parts: bool = False, backend: str = "auto"):
     """The distillation loss against a sparse teacher: K token ids and their log-probabilities per
     position (see the module's docstring for the tails).
 
@@ -183,6 +189,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
         teacher_logprobs: (..., K) float32/bfloat16/float16 log-probabilities of those ids under the
             teacher at the same temperature T.
         tail: "bucket", "renorm" or "raw" (the last two with forward_kl only).
+        softcap, logit_scale: the student's logit transforms (one number, or (student, None)); the
+            teacher's log-probabilities are taken as given, so a teacher entry is refused.
         Every other argument means what it means in kd_loss; reduction is "batchmean", "sum" or "none".
 
     Returns:
@@ -190,7 +198,8 @@ def sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs
     """
     opts = LossOptions(temperature=temperature, divergence=divergence, beta=beta, ignore_index=ignore_index,
                        reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
-                       inplace_backward=inplace_backward, expected_grad_output=expected_grad_output, backend=backend)
+                       inplace_backward=inplace_backward, expected_grad_output=expected_grad_output,
+                       softcap=softcap, logit_scale=logit_scale, backend=backend)
     return _sparse_kd_loss_with_options(student_logits, teacher_ids, teacher_logprobs, labels, opts, tail,
                                         return_parts, num_items_in_batch)
 
@@ -210,7 +219,8 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
     with gradients for the hidden states, weight and bias. No teacher and no logits at all.
 
     ``**options`` are sparse_kd_loss's keywords (temperature, divergence, beta, ignore_index,
-    reduction, scale_t2, hard_weight, soft_weight, expected_grad_output, backend).
+    reduction, scale_t2, hard_weight, soft_weight, expected_grad_output, softcap and logit_scale of the
+    student's head, backend).
     """
     opts = loss_options("fused_linear_sparse_kd_loss", options, FUSED_LINEAR_SPARSE_KEYWORDS)
     check_sparse_options(opts, tail)

@@ -32,6 +32,14 @@ and one line in ``registry.BACKEND_MODULES``. Its record holds:
     grad *= grad_output, a one-element tensor, on the device and without a host sync,
     skipping the pass when it is 1; backends without it get a ``.item()`` check instead.
 
+Logit transforms (``params.student_scale``, ``student_cap`` and the teacher's): each side's
+raw logits x become z = cap * tanh(scale * x / cap) (z = scale * x when cap is 0; scale 1 and
+cap 0 are off), as the model computes its logits, and everything above (maxima, softmax at
+the temperature, the label's logit of the cross-entropy) is computed on z. ``grad`` receives
+the gradient with respect to x: that with respect to z times dz/dx = scale (1 - tanh^2(scale
+x / cap)). A -inf logit becomes -cap, and with a cap so does +inf (to +cap): such rows are
+not NaN, as they are not in the model.
+
 The public API (kdfast.api) validates everything before a backend is called.
 """
 
@@ -60,6 +68,11 @@ class KernelParams(NamedTuple):
     beta: float
     ignore_index: int
     hard: bool  # compute the hard-label cross-entropy (and its gradient) too
+    # The logit transforms (see the module docstring): scale 1.0 and cap 0.0 are off.
+    student_scale: float = 1.0
+    student_cap: float = 0.0
+    teacher_scale: float = 1.0
+    teacher_cap: float = 0.0
 
 
 class JsdWeights(NamedTuple):
@@ -107,6 +120,8 @@ class SparseKernelParams(NamedTuple):
     mass_tolerance: float  # a teacher tail 1 - sum(q) at most this is no tail: rounding of the log-probs
     ignore_index: int
     hard: bool
+    student_scale: float = 1.0  # the student's logit transforms, as in KernelParams
+    student_cap: float = 0.0
 
 
 def _always_available(kernel: str) -> Optional[str]:

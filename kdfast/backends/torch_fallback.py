@@ -53,6 +53,16 @@ def jsd_log_ratios(log_pt: torch.Tensor, log_ps: torch.Tensor, w: JsdWeights) ->
     return (ratio_a, ratio_b) if w.teacher_is_a else (ratio_b, ratio_a)
 
 
+def transform_logits(x: torch.Tensor, scale: float, cap: float):
+    """(z, dz/dx) of the logit transforms (see kdfast.backends): z = cap tanh(scale x / cap), or scale x
+    without a cap; dz/dx is a tensor with a cap, else the number scale."""
+    y = x * scale if scale != 1.0 else x
+    if cap == 0.0:
+        return y, scale
+    t = torch.tanh(y / cap)
+    return t * cap, (1.0 - t * t).mul_(scale)
+
+
 def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     """Row losses (and the weighted gradient) of a (rows, V) chunk already in the compute dtype."""
     inv_temp = 1.0 / params.temperature
@@ -120,10 +130,10 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     return kd, ce, grad
 
 
-def _over_row_chunks(student, grad, dtype, chunk_fn):
-    """Runs chunk_fn(student[b, m0:m1] in dtype, b, slice(m0, m1), slice(r0, r1)) over chunks of the
-    (B, M, V) student's rows (r: the flat row index); collects the row losses, and writes the gradient
-    chunks into grad when it is given."""
+def _over_row_chunks(student, grad, dtype, chunk_fn, params):
+    """Runs chunk_fn(student[b, m0:m1] in dtype and transformed, b, slice(m0, m1), slice(r0, r1)) over
+    chunks of the (B, M, V) student's rows (r: the flat row index); collects the row losses, and writes
+    the gradient chunks, taken back through the student's logit transforms, into grad when it is given."""
     n_batch, n_rows, vocab = student.shape
     kd_rows = torch.zeros(n_batch * n_rows, dtype=dtype, device=student.device)
     ce_rows = torch.zeros_like(kd_rows)
@@ -132,10 +142,10 @@ def _over_row_chunks(student, grad, dtype, chunk_fn):
         for m0 in range(0, n_rows, step):
             m1 = min(n_rows, m0 + step)
             r0, r1 = b * n_rows + m0, b * n_rows + m1
-            kd_rows[r0:r1], ce_rows[r0:r1], g = chunk_fn(student[b, m0:m1].to(dtype), b, slice(m0, m1),
-                                                         slice(r0, r1))
+            s, slope = transform_logits(student[b, m0:m1].to(dtype), params.student_scale, params.student_cap)
+            kd_rows[r0:r1], ce_rows[r0:r1], g = chunk_fn(s, b, slice(m0, m1), slice(r0, r1))
             if grad is not None:
-                grad[b, m0:m1] = g
+                grad[b, m0:m1] = g if isinstance(slope, float) and slope == 1.0 else g.mul_(slope)
     return kd_rows, ce_rows
 
 
@@ -144,10 +154,10 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
     coefs = coefs.to(dtype)
 
     def chunk(s, b: int, positions: slice, rows: slice):
-        return _chunk(s, teacher[b, positions].to(dtype), None if labels is None else labels[rows], coefs, params,
-                      want_grad=grad is not None)
+        t, _ = transform_logits(teacher[b, positions].to(dtype), params.teacher_scale, params.teacher_cap)
+        return _chunk(s, t, None if labels is None else labels[rows], coefs, params, want_grad=grad is not None)
 
-    return _over_row_chunks(student, grad, dtype, chunk)
+    return _over_row_chunks(student, grad, dtype, chunk, params)
 
 
 # --- the sparse-teacher loss (kdfast.sparse) ---
@@ -248,7 +258,7 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
         return _sparse_chunk(s, ids[rows], logprobs[rows].to(dtype), None if labels is None else labels[rows], coefs,
                              params, want_grad=grad is not None)
 
-    return _over_row_chunks(student, grad, dtype, chunk)
+    return _over_row_chunks(student, grad, dtype, chunk, params)
 
 
 BACKEND = Backend("torch", None, (torch.float32, torch.bfloat16, torch.float16, torch.float64), unavailable_reason,

@@ -25,7 +25,8 @@ import triton
 import triton.language as tl
 
 from . import FORWARD_KL, JSD, REVERSE_KL, TVD, Backend, KernelParams, jsd_weights, on_device_of
-from .triton_sparse import _expm1, _log1p, sparse_kd_forward
+from .triton_math import expm1_f32, load_logits, log1p_f32, transform_logits
+from .triton_sparse import sparse_kd_forward
 
 assert (FORWARD_KL, REVERSE_KL, JSD, TVD) == (0, 1, 2, 3)  # the DIVERGENCE codes the kernel tests for
 
@@ -42,17 +43,6 @@ def unavailable_reason() -> str | None:
 # Below it, expm1 cannot overflow; above it, where w_small < e^-64, w_small * expm1(delta)
 # = exp(delta + log w_small) - w_small without cancellation.
 JSD_EXPM1_LIMIT = tl.constexpr(64.0)
-
-# log1p and expm1 of small fp32 arguments: libdevice's on a GPU (tl.log and tl.exp may be the
-# approximate hardware ones there, which the Goldberg / Kahan forms would turn into a relative
-# error of 1e-7 / x); the interpreter has no libdevice, and its numpy log and exp are exact.
-if os.environ.get("TRITON_INTERPRET") == "1":
-    log1p_f32, expm1_f32 = _log1p, _expm1
-else:
-    from triton.language.extra import libdevice
-
-    log1p_f32, expm1_f32 = libdevice.log1p, libdevice.expm1
-
 
 @triton.jit
 def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A: tl.constexpr):
@@ -90,8 +80,9 @@ def _kd_rows_kernel(
     rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m, g_stride_b, g_stride_m,
     vocab, inv_temp, inv_temp_t, ignore_index,  # inv_temp_t: 1 / the teacher's temperature
     w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,  # jsd: kdfast.backends.JsdWeights
+    s_scale, s_cap, t_scale, t_cap,  # the logit transforms of each side (CAP_S, CAP_T: caps on)
     DIVERGENCE: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    TEACHER_IS_A: tl.constexpr, BLOCK: tl.constexpr,
+    TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     batch, pos = row // rows_per_batch, row % rows_per_batch
@@ -127,8 +118,8 @@ def _kd_rows_kernel(
         for blk in range(0, n_blocks):
             offs = blk * BLOCK + cols
             mask = offs < vocab
-            xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-            xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+            xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
+            xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
             new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
             new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
             old_shift_s = tl.where(m_s > float("-inf"), m_s, 0.0)
@@ -189,8 +180,8 @@ def _kd_rows_kernel(
             for blk in range(0, n_blocks):
                 offs = blk * BLOCK + cols
                 mask = offs < vocab
-                xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
-                xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
+                xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
                 log_ps = (xs - shift_s) * inv_temp - log_zs
                 log_pt = (xt - shift_t) * inv_temp_t - log_zt
                 p_s = tl.exp(log_ps)
@@ -222,7 +213,8 @@ def _kd_rows_kernel(
         log_z1 = 0.0
         if HARD:
             log_z1 = tl.log(tl.sum(acc_z1, axis=0)) + nan_if_unseen
-            x_label = tl.load(s_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
+            x_label, _ = transform_logits(tl.load(s_row + label, mask=label_ok, other=float("nan")).to(tl.float32),
+                                          s_scale, s_cap, CAP_S)
             tl.store(ce_out_ptr + row, shift_s + log_z1 - x_label)
         else:
             tl.store(ce_out_ptr + row, 0.0)
@@ -234,23 +226,20 @@ def _kd_rows_kernel(
             for i in range(0, n_blocks):
                 offs = (n_blocks - 1 - i) * BLOCK + cols
                 mask = offs < vocab
-                xs = tl.load(s_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+                xs, slope = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)  # slope: dz/dx
+                xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
                 log_ps = (xs - shift_s) * inv_temp - log_zs
                 p_s = tl.exp(log_ps)
                 if DIVERGENCE == 0:
-                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     d = p_s - tl.exp((xt - shift_t) * inv_temp_t - log_zt)
                 elif DIVERGENCE == 1:
-                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     log_pt = (xt - shift_t) * inv_temp_t - log_zt
                     d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
                 elif DIVERGENCE == 3:
-                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     p_t = tl.exp((xt - shift_t) * inv_temp_t - log_zt)
                     # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
                     d = p_s * (tvd_slope(p_s, p_t) - mean_slope)
                 else:
-                    xt = tl.load(t_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
                     log_pt = (xt - shift_t) * inv_temp_t - log_zt
                     _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
                                                        TEACHER_IS_A)
@@ -260,7 +249,7 @@ def _kd_rows_kernel(
                 if HARD:
                     p1 = tl.exp(xs - shift_s - log_z1)  # softmax(s) at T = 1
                     g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
-                tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + offs, (g * slope).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -302,8 +291,10 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
             g.stride(0), g.stride(1),
             vocab, 1.0 / params.temperature, 1.0 / params.teacher_temperature, params.ignore_index,
             jsd.w_small, jsd.log_w_small, jsd.c, jsd.split, jsd.teacher, jsd.student,
+            params.student_scale, params.student_cap, params.teacher_scale, params.teacher_cap,
             DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None,
-            WRITE_GRAD=grad is not None, TEACHER_IS_A=jsd.teacher_is_a, BLOCK=block, num_warps=num_warps,
+            WRITE_GRAD=grad is not None, TEACHER_IS_A=jsd.teacher_is_a, CAP_S=params.student_cap > 0,
+            CAP_T=params.teacher_cap > 0, BLOCK=block, num_warps=num_warps,
         )
     return kd_rows, ce_rows
 

@@ -20,23 +20,9 @@ import triton
 import triton.language as tl
 
 from . import FORWARD_KL, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, SparseKernelParams, on_device_of
+from .triton_math import _expm1, _log1p, load_logits, transform_logits
 
 NEG_INF = float("-inf")
-
-
-@triton.jit
-def _log1p(x):
-    """log(1 + x), accurate for small x (Goldberg's: the rounding of 1 + x divides out)."""
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
-
-
-@triton.jit
-def _expm1(x):
-    """exp(x) - 1, accurate for small x."""
-    u = tl.exp(x)
-    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, tl.where(u == float("inf"), u,
-                                                                         (u - 1.0) * x / tl.log(u))))
 
 
 @triton.jit
@@ -72,9 +58,9 @@ def _category_terms(log_p, log_q, live, beta, DIVERGENCE: tl.constexpr):
 def _sparse_rows_kernel(
     s_ptr, ids_ptr, lq_ptr, g_ptr, shift_ptr, labels_ptr, coefs_ptr, kd_out_ptr, ce_out_ptr,
     rows_per_batch, s_stride_b, s_stride_m, g_stride_b, g_stride_m, n_ids, vocab, n_blocks,
-    inv_temp, beta, mass_tolerance, ignore_index,
+    inv_temp, beta, mass_tolerance, ignore_index, scale, cap,  # scale, cap: the student's logit transforms
     DIVERGENCE: tl.constexpr, TAIL: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr,
-    WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
+    WRITE_GRAD: tl.constexpr, CAP: tl.constexpr, BLOCK: tl.constexpr, K_BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     batch, pos = row // rows_per_batch, row % rows_per_batch
@@ -103,7 +89,7 @@ def _sparse_rows_kernel(
         bad = False
         for blk in range(0, n_blocks):
             offs = blk * BLOCK + cols
-            x = tl.load(s_row + offs, mask=offs < vocab, other=NEG_INF).to(tl.float32)
+            x, _ = load_logits(s_row, offs, offs < vocab, scale, cap, CAP)
             bad = bad | (tl.sum(tl.where((x != x) | (x == float("inf")), 1, 0), axis=0) > 0)
             new_m = tl.maximum(m, tl.max(x, axis=0))
             shift = tl.where(new_m > NEG_INF, new_m, 0.0)
@@ -126,7 +112,7 @@ def _sparse_rows_kernel(
         valid = in_k & (ids >= 0) & (ids < vocab)
         bad = bad | (tl.sum(tl.where(in_k & ((ids < -1) | (ids >= vocab)), 1, 0), axis=0) > 0)
         bad = bad | (m == NEG_INF)
-        x_k = tl.load(s_row + ids, mask=valid, other=NEG_INF).to(tl.float32)
+        x_k, slope_k = load_logits(s_row, ids, valid, scale, cap, CAP)
         block_shift = tl.load(shift_ptr + row * n_blocks + ids // BLOCK, mask=valid, other=0.0)
         e_k = tl.exp((x_k - block_shift) * inv_temp).to(tl.float64)
         e_k_final = e_k * tl.exp((block_shift.to(tl.float64) - shift) * inv_temp)
@@ -166,7 +152,8 @@ def _sparse_rows_kernel(
         log_z1 = 0.0
         if HARD:
             log_z1 = tl.log(z1)
-            x_label = tl.load(s_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
+            x_label, _ = transform_logits(tl.load(s_row + label, mask=label_ok, other=float("nan")).to(tl.float32),
+                                          scale, cap, CAP)
             tl.store(ce_out_ptr + row, shift + log_z1 - x_label + nan_if_bad)
         else:
             tl.store(ce_out_ptr + row, 0.0)
@@ -181,20 +168,20 @@ def _sparse_rows_kernel(
             for i in range(0, n_blocks):
                 offs = (n_blocks - 1 - i) * BLOCK + cols
                 mask = offs < vocab
-                x = tl.load(s_row + offs, mask=mask, other=NEG_INF).to(tl.float32)
+                x, slope = load_logits(s_row, offs, mask, scale, cap, CAP)
                 a = (x - shift) * inv_temp
                 p = tl.exp(a - log_z.to(tl.float32))
                 rest_share = tl.where(x > NEG_INF, tl.exp(a - log_z_rest.to(tl.float32)), 0.0)  # p_j / p_r
                 g = coef_kd * (tl.where(has_rest, rest_share * h_r32, 0.0) - p * h_total32)
                 if HARD:
                     g += coef_ce * (tl.exp(x - shift - log_z1) - tl.where(offs == label, 1.0, 0.0))
-                tl.store(g_row + offs, (g + nan_if_bad).to(g_ptr.dtype.element_ty), mask=mask)
+                tl.store(g_row + offs, (g * slope + nan_if_bad).to(g_ptr.dtype.element_ty), mask=mask)
             tl.debug_barrier()  # the ids' entries below overwrite what other threads just stored
             p_k = tl.exp(log_pk)
             g_k = coef_kd * (h_k - p_k * h_total).to(tl.float32)
             if HARD:
                 g_k += coef_ce * (tl.exp(x_k - shift - log_z1) - tl.where(ids == label, 1.0, 0.0))
-            tl.store(g_row + ids, (g_k + nan_if_bad).to(g_ptr.dtype.element_ty), mask=valid)
+            tl.store(g_row + ids, (g_k * slope_k + nan_if_bad).to(g_ptr.dtype.element_ty), mask=valid)
 
 
 SPARSE_BLOCK = 4096
@@ -214,8 +201,9 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params: Spars
             student, ids, logprobs, g, shifts, labels if labels is not None else kd_rows, coefs.float(), kd_rows,
             ce_rows, rows_per_batch, student.stride(0), student.stride(1), g.stride(0), g.stride(1), n_ids, vocab,
             n_blocks, 1.0 / params.temperature, params.beta, params.mass_tolerance, params.ignore_index,
+            params.student_scale, params.student_cap,
             DIVERGENCE=params.divergence, TAIL=params.tail, HARD=params.hard, HAS_LABELS=labels is not None,
-            WRITE_GRAD=grad is not None, BLOCK=block, K_BLOCK=triton.next_power_of_2(n_ids),
+            WRITE_GRAD=grad is not None, CAP=params.student_cap > 0, BLOCK=block, K_BLOCK=triton.next_power_of_2(n_ids),
             num_warps=max(1, min(16, block // 256)))
     return kd_rows, ce_rows
 

@@ -6,9 +6,11 @@ This is the one place that chooses how the loss is computed:
   embedding applied to them, so ``kdfast.fused_linear_kd_loss`` computes the loss from
   (hidden states, weight) pairs chunk by chunk, without the N x V logits. Hugging Face
   causal LMs and :class:`kdfast.train.models.GPT` qualify: they take ``output_hidden_states`` and
-  ``logits_to_keep`` and have ``get_output_embeddings()``; not those whose config soft-caps
-  or scales the logits after the output embedding (LOGIT_TRANSFORMS), nor any whose logits
-  a start-up probe finds are not the output embedding of the last hidden state.
+  ``logits_to_keep`` and have ``get_output_embeddings()``. A soft cap or scale of the logits
+  that the model's config sets (Gemma 2, Cohere, Granite...: LOGIT_TRANSFORMS) is passed to
+  the kernels, which apply it; models with other transforms take the logits path, and so does
+  any whose logits a start-up probe finds are not the (transformed) output embedding of the
+  last hidden state.
 - ``logits``: any model returning logits (a tensor, a tuple starting with them, or an
   object with ``.logits``); the loss is ``kd_loss`` on the full logits.
 
@@ -109,14 +111,25 @@ LOGIT_TRANSFORMS = {
     "output_multiplier": 1.0,  # logits * m before the soft cap: Muse Spark
     "logits_mup_width_multiplier": 1.0,  # hidden / m: Inkling
 }
+# Those the fused-linear kernels apply (kdfast's softcap and logit_scale): a soft cap, or a factor on the logits.
+# logits_scaling means a division only in Granite models; elsewhere it is left to the logits path.
+SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+LOGIT_FACTORS = ("logit_scale", "lm_head_multiplier", "output_multiplier")
 SPECIAL_TOKENS = ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "sep_token_id", "cls_token_id",
                   "mask_token_id", "decoder_start_token_id")
 PROBE_LENGTH = 8
 
 
 class LogitTransform(NamedTuple):
-    attribute: str
-    value: float
+    """How a model turns lm_head(hidden) into its logits: scale, then cap * tanh(z / cap) (None: off)."""
+
+    scale: Optional[float] = None
+    cap: Optional[float] = None
+
+    def __call__(self, logits: Tensor) -> Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        return logits if self.cap is None else self.cap * torch.tanh(logits / self.cap)
 
 
 def _configs(model: nn.Module) -> list:
@@ -128,15 +141,25 @@ def _configs(model: nn.Module) -> list:
     return [config] if text is config else [config, text]
 
 
-def logit_transform(model: nn.Module) -> Optional[LogitTransform]:
-    """The first change to the logits after the output embedding that the model's config sets (LOGIT_TRANSFORMS),
-    or None. The fused-linear kernels cannot apply these yet, so such models take the logits path."""
+def logit_transform(model: nn.Module) -> tuple[LogitTransform, Optional[str]]:
+    """The transform of the logits after the output embedding that the model's config sets (LOGIT_TRANSFORMS),
+    as the fused-linear kernels apply it, and why they cannot (None if they can)."""
+    scale, cap = None, None
     for config in _configs(model):
         for attribute, unchanged in LOGIT_TRANSFORMS.items():
             value = getattr(config, attribute, None)
-            if value is not None and value != unchanged:
-                return LogitTransform(attribute, value)
-    return None
+            if value is None or value == unchanged:
+                continue
+            if attribute in SOFT_CAPS:
+                cap = float(value)
+            elif attribute in LOGIT_FACTORS:
+                scale = (scale or 1.0) * value
+            elif attribute == "logits_scaling" and str(getattr(config, "model_type", "")).startswith("granite"):
+                scale = (scale or 1.0) / value
+            else:
+                return LogitTransform(), (f"its config sets {attribute}={value!r}, which transforms the logits after "
+                                          "the output embedding in a way the fused-linear kernels do not apply")
+    return LogitTransform(scale, cap), None
 
 
 def _first_int(configs: list, names: tuple[str, ...]) -> Optional[int]:
@@ -163,10 +186,11 @@ def _probe_ids(model: nn.Module, head: Optional[nn.Module]) -> Tensor:
     return allowed[picks].to(device)
 
 
-def _head_mismatch(model: nn.Module, out, head: nn.Module) -> Optional[str]:
-    """Why the model's logits are not its output embedding applied to its last hidden state, or None if they are."""
+def _head_mismatch(model: nn.Module, out, head: nn.Module, transform: LogitTransform) -> Optional[str]:
+    """Why the model's logits are not its output embedding applied to its last hidden state (then transformed),
+    or None if they are."""
     logits = logits_of(out)
-    expected = F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None))
+    expected = transform(F.linear(out.hidden_states[-1], head.weight, getattr(head, "bias", None)))
     if expected.shape != logits.shape:
         return (f"its logits (shape {tuple(logits.shape)}) are not its output embedding applied to its last hidden "
                 f"state (shape {tuple(expected.shape)})")
@@ -189,7 +213,7 @@ def _head_mismatch(model: nn.Module, out, head: nn.Module) -> Optional[str]:
 def _probe(model: nn.Module) -> tuple[int, Optional[str]]:
     """The model's vocabulary size, and why the fused-linear path cannot use it (None if it can)."""
     inner = unwrap(model)
-    head, transform = output_head(inner), logit_transform(inner)
+    head, (transform, unsupported) = output_head(inner), logit_transform(inner)
     ids = _probe_ids(inner, head)
     was_training = inner.training
     inner.eval()
@@ -198,14 +222,13 @@ def _probe(model: nn.Module) -> tuple[int, Optional[str]]:
             reason = "FSDP shards its parameters, so its output embedding is whole only inside its forward"
         elif head is None:
             reason = "it lacks get_output_embeddings() or a forward taking output_hidden_states and logits_to_keep"
-        elif transform is not None:
-            reason = (f"its config sets {transform.attribute}={transform.value!r}, which transforms the logits "
-                      "after the output embedding")
+        elif unsupported is not None:
+            reason = unsupported
         else:
             out = inner(ids, output_hidden_states=True)
             if not getattr(out, "hidden_states", None):
                 return logits_of(out).shape[-1], "it returns no hidden_states when asked for them"
-            return logits_of(out).shape[-1], _head_mismatch(inner, out, head)
+            return logits_of(out).shape[-1], _head_mismatch(inner, out, head, transform)
         return logits_of(inner(ids)).shape[-1], reason
     finally:
         inner.train(was_training)
@@ -215,12 +238,14 @@ def choose_loss_path(student: nn.Module, teacher: nn.Module, options: LossOption
     """Checks that the pair can be distilled (vocabularies) and returns "fused_linear" or "logits".
 
     "auto" takes the fused-linear path when both models qualify: each has an output embedding
-    and hidden states to apply it to, no known transform of its logits after the output
-    embedding in its config (LOGIT_TRANSFORMS), and a probe forward on a few tokens gives
-    logits equal to the output embedding applied to the last hidden state. Asking for
-    "fused_linear" when they do not is an error that says why.
+    and hidden states to apply it to, no transform of its logits after the output embedding in
+    its config (LOGIT_TRANSFORMS) but those the kernels apply (a soft cap, a scale: passed to them
+    by LMDistillLoss), and a probe forward on a few tokens gives logits equal to the output
+    embedding applied to the last hidden state, then transformed. Asking for "fused_linear" when
+    they do not is an error that says why.
     """
     check_loss_path(requested)
+    check_no_logit_options(options)
     v_student, student_reason = _probe(student)
     v_teacher, teacher_reason = _probe(teacher)
     check_vocab(v_student, v_teacher, options.vocab_size, "the student's output", "the teacher's output")
@@ -239,6 +264,7 @@ def choose_sparse_loss_path(student: nn.Module, teacher_vocab: int, options: Los
     """choose_loss_path for a sparse teacher (no teacher model): the student alone decides, and its vocabulary
     must be the teacher's."""
     check_loss_path(requested)
+    check_no_logit_options(options)
     if options.vocab_size is not None:
         raise ValueError("loss.vocab_size does not apply to a sparse teacher: its ids say which tokens it covers")
     if options.teacher_temperature not in (None, options.temperature):
@@ -263,6 +289,21 @@ SPARSE_OPTIONS = ("temperature", "divergence", "beta", "ignore_index", "reductio
 
 def check_loss_path(requested: str) -> None:
     check_choice("loss_path", requested, LOSS_PATHS)
+
+
+def check_no_logit_options(options: LossOptions) -> None:
+    """A model's own soft cap or scale is read from its config (and its logits have them already)."""
+    for name in ("softcap", "logit_scale"):
+        if getattr(options, name) is not None:
+            raise ValueError(f"{name}={getattr(options, name)!r} cannot be given to the trainer: it reads each "
+                             "model's soft cap and logit scale from its config (and applies them on the fused-linear "
+                             "path; the logits path gets logits that have them already), so leave it unset")
+
+
+def fused_logit_options(student: nn.Module, teacher: Optional[nn.Module]) -> dict:
+    """softcap and logit_scale, (student, teacher), for the fused-linear losses: the models' own."""
+    sides = [logit_transform(student)[0], logit_transform(teacher)[0] if teacher is not None else LogitTransform()]
+    return {"softcap": tuple(side.cap for side in sides), "logit_scale": tuple(side.scale for side in sides)}
 
 
 class LMDistillLoss:
@@ -305,11 +346,11 @@ class LMDistillLoss:
             return KDLossParts(loss, torch.zeros_like(loss.detach()), loss.detach())
         if fused:
             s_head, t_head = output_head(student), output_head(teacher)
+            options = {**self.loss_options.as_kwargs(), **fused_logit_options(student, teacher)}
             return kdfast.fused_linear_kd_loss(
                 student_out.hidden_states[-1], s_head.weight, teacher_out.hidden_states[-1], t_head.weight,
                 student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
-                labels=targets, num_items_in_batch=num_items_in_batch, return_parts=True,
-                **self.loss_options.as_kwargs())
+                labels=targets, num_items_in_batch=num_items_in_batch, return_parts=True, **options)
         return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets,
                               num_items_in_batch=num_items_in_batch, return_parts=True,
                               **self.loss_options.as_kwargs())
@@ -326,7 +367,7 @@ class LMDistillLoss:
             head = output_head(student)
             return kdfast.fused_linear_sparse_kd_loss(out.hidden_states[-1], head.weight, teacher_ids,
                                                       teacher_logprobs, student_bias=getattr(head, "bias", None),
-                                                      **common, **options)
+                                                      **common, **options, **fused_logit_options(student, None))
         return kdfast.sparse_kd_loss(logits_of(out), teacher_ids, teacher_logprobs,
                                      inplace_backward=self.loss_options.inplace_backward, **common, **options)
 

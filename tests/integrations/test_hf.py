@@ -26,6 +26,8 @@ from transformers import (  # noqa: E402
     GraniteForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     TrainingArguments,
 )
 
@@ -64,8 +66,9 @@ ARCHITECTURES = {
     "gemma2": lambda: Gemma2ForCausalLM(Gemma2Config(**TINY, head_dim=8, final_logit_softcapping=3.0)),
     "cohere": lambda: CohereForCausalLM(CohereConfig(**TINY, logit_scale=0.0625)),
     "granite": lambda: GraniteForCausalLM(GraniteConfig(**TINY, logits_scaling=8.0)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**TINY)),
 }
-TRANSFORMED = {"gemma2": "final_logit_softcapping=3.0", "cohere": "logit_scale=0.0625", "granite": "logits_scaling=8.0"}
+TRANSFORMED = ("gemma2", "cohere", "granite")  # their logits are not lm_head(hidden states)
 
 
 def tiny_with_big_logits(architecture: str, seed: int):
@@ -123,9 +126,11 @@ def test_kd_trainer_loss_is_kd_loss_on_shifted_logits_without_padding(make, tmp_
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_kd_trainer_loss_is_kd_loss_on_the_models_own_logits(architecture, tmp_path):
-    teacher, student = tiny_with_big_logits(architecture, 0), tiny_with_big_logits(architecture, 1)
+@pytest.mark.parametrize("architecture,student_architecture",
+                         [(a, a) for a in ARCHITECTURES] + [("gemma2", "llama"), ("llama", "cohere")])
+def test_kd_trainer_loss_is_kd_loss_on_the_models_own_logits(architecture, student_architecture, tmp_path):
+    """Each family teaching itself, and a capped teacher for an uncapped student (and the reverse)."""
+    teacher, student = tiny_with_big_logits(architecture, 0), tiny_with_big_logits(student_architecture, 1)
     input_ids = torch.randint(3, VOCAB, (2, LENGTH))
     teacher_logits = teacher(input_ids).logits.detach()
     if architecture in TRANSFORMED:  # the transform matters: the logits differ from lm_head(hidden states)
@@ -137,15 +142,22 @@ def test_kd_trainer_loss_is_kd_loss_on_the_models_own_logits(architecture, tmp_p
     expected = kdfast.kd_loss(student(input_ids).logits[:, :-1], teacher_logits[:, :-1], labels=input_ids[:, 1:],
                               temperature=2.0, hard_weight=0.5, soft_weight=0.5)
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-5)
-    assert trainer.distill_loss.path == ("logits" if architecture in TRANSFORMED else expected_paths()[0])
+    # A soft cap or scale in the config is applied by the fused kernels (softcap / logit_scale).
+    assert trainer.distill_loss.path == expected_paths()[0]
 
 
-@pytest.mark.parametrize("architecture", TRANSFORMED)
-def test_a_config_that_transforms_the_logits_is_named_when_fused_linear_is_asked_for(architecture):
-    model = ARCHITECTURES[architecture]()
-    expected = f"the student: its config sets {TRANSFORMED[architecture]}, which transforms the logits after"
+def test_a_config_transform_the_kernels_do_not_apply_is_named_when_fused_linear_is_asked_for():
+    model = LlamaForCausalLM(LlamaConfig(**TINY, logits_mup_width_multiplier=2.0))
+    expected = ("the student: its config sets logits_mup_width_multiplier=2.0, which transforms the logits after the "
+                "output embedding in a way the fused-linear kernels do not apply")
     with pytest.raises(ValueError, match=expected):
         choose_loss_path(model, ARCHITECTURES["llama"](), KD, "fused_linear")
+    assert choose_loss_path(model, ARCHITECTURES["llama"](), KD) == "logits"
+
+
+def test_the_trainer_refuses_softcap_in_its_loss_options():
+    with pytest.raises(ValueError, match="softcap=.* cannot be given to the trainer: it reads each model's soft cap"):
+        choose_loss_path(ARCHITECTURES["gemma2"](), ARCHITECTURES["gemma2"](), LossOptions(softcap=30.0))
 
 
 @pytest.mark.slow

@@ -1,0 +1,63 @@
+"""Elementwise helpers that the Triton kernels (triton_kernels, triton_sparse) share: exact log1p,
+expm1 and tanh of small arguments, and the logit transforms of kdfast.backends."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x), accurate for small x (Goldberg's: the rounding of 1 + x divides out)."""
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * x / (u - 1.0))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1, accurate for small x."""
+    u = tl.exp(x)
+    return tl.where(u == 1.0, x, tl.where(u - 1.0 == -1.0, -1.0, tl.where(u == float("inf"), u,
+                                                                         (u - 1.0) * x / tl.log(u))))
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from expm1 of -2|x| (in [-1, 0]: no overflow, and no cancellation for small x)."""
+    u = _expm1(-2.0 * tl.abs(x))
+    t = -u / (u + 2.0)
+    return tl.where(x < 0, -t, t)
+
+
+# log1p, expm1 and tanh of fp32 arguments: libdevice's on a GPU (tl.log and tl.exp may be the
+# approximate hardware ones there, which the Goldberg / Kahan forms would turn into a relative
+# error of 1e-7 / x); the interpreter has no libdevice, and its numpy log and exp are exact.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    log1p_f32, expm1_f32, tanh_f32 = _log1p, _expm1, _tanh
+else:
+    from triton.language.extra import libdevice
+
+    log1p_f32, expm1_f32, tanh_f32 = libdevice.log1p, libdevice.expm1, libdevice.tanh
+
+
+@triton.jit
+def load_logits(row_ptr, offs, mask, scale, cap, CAP: tl.constexpr):
+    """(z, dz/dx) of the fp32 logits x at offs, through the logit transforms: z = scale x, then
+    cap tanh(z / cap) when CAP; z = -inf past the row's end (mask false), where nothing is read."""
+    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z, slope = transform_logits(x, scale, cap, CAP)
+    return tl.where(mask, z, float("-inf")), slope
+
+
+@triton.jit
+def transform_logits(x, scale, cap, CAP: tl.constexpr):
+    """(z, dz/dx) of the logit transforms at x (scale 1 multiplies exactly: without them z is x).
+    Without a cap dz/dx is the scalar scale (a product with x would make it NaN at x = -inf)."""
+    y = x * scale
+    if CAP:
+        t = tanh_f32(y / cap)
+        return cap * t, scale * (1.0 - t * t)
+    return y, scale
