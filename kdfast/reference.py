@@ -48,25 +48,17 @@ def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, teache
     log_ps = torch.log_softmax(s / temperature, dim=-1)
     log_pt = torch.log_softmax(t / (temperature if teacher_temperature is None else teacher_temperature), dim=-1)
 
-    if divergence == "jsd" and beta in (0.0, 1.0):  # the GKD / Liger convention
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
-    if divergence == "forward_kl":
-        kd = _kl_rows(log_pt, log_ps)
-    elif divergence == "reverse_kl":
-        kd = _kl_rows(log_ps, log_pt)
-    elif divergence == "tvd":  # autograd's subgradient of |x| at 0 is 0
-        kd = 0.5 * (log_pt.exp() - log_ps.exp()).abs().sum(-1)
-    else:
-        # Where both sides are -inf the mixture is 0 and unused; a finite stand-in keeps
-        # logsumexp's gradient free of NaN there.
-        dead = (log_pt == -math.inf) & (log_ps == -math.inf)
-        log_mix = torch.logsumexp(torch.stack([torch.where(dead, 0.0, log_pt + math.log(beta)),
-                                               torch.where(dead, 0.0, log_ps + math.log(1.0 - beta))]), dim=0)
-        kd = beta * _kl_rows(log_pt, log_mix) + (1.0 - beta) * _kl_rows(log_ps, log_mix)
+    kd = _divergence_over_categories(log_ps, log_pt, divergence, beta)
     # A row holding NaN or +inf, or only -inf, has no softmax: its loss is NaN.
     undefined = ~(torch.isfinite(s.detach().amax(-1)) & torch.isfinite(t.amax(-1)))
     kd = torch.where(undefined, torch.nan, kd)
+    return _reduce(s, kd, labels, lead_shape, vocab, ignore_index, reduction, temperature, scale_t2, hard_weight,
+                   soft_weight, None, return_parts)
 
+
+def _reduce(s, kd, labels, lead_shape, vocab, ignore_index, reduction, temperature, scale_t2, hard_weight,
+            soft_weight, num_items_in_batch, return_parts):
+    """The loss from the per-row divergences kd of the (rows, V) student logits s, as kd_loss reduces it."""
     counted = torch.ones_like(kd, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
     kd = torch.where(counted, kd, 0.0)
     ce = torch.zeros_like(kd)
@@ -74,7 +66,7 @@ def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, teache
         ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
 
     kd_scale = temperature**2 if scale_t2 else 1.0
-    n = counted.sum().clamp(min=1)
+    n = counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
     if reduction == "none":
         kd_part, hard_part = kd_scale * kd.reshape(lead_shape), ce.reshape(lead_shape)
     elif reduction == "sum":
@@ -88,13 +80,18 @@ def kd_loss_reference(student_logits, teacher_logits, *, temperature=1.0, teache
 
 
 def _divergence_over_categories(log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float):
-    """The divergence between two distributions over the last dim, given as log-probabilities."""
-    if divergence == "jsd" and beta in (0.0, 1.0):
+    """The divergence between the student's (p) and the teacher's (q) distributions over the last dim,
+    given as log-probabilities."""
+    if divergence == "jsd" and beta in (0.0, 1.0):  # the GKD / Liger convention
         divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
     if divergence == "forward_kl":
         return _kl_rows(log_q, log_p)
     if divergence == "reverse_kl":
         return _kl_rows(log_p, log_q)
+    if divergence == "tvd":  # autograd's subgradient of |x| at 0 is 0
+        return 0.5 * (log_q.exp() - log_p.exp()).abs().sum(-1)
+    # jsd. Where both sides are -inf the mixture is 0 and unused; a finite stand-in keeps
+    # logsumexp's gradient free of NaN there.
     dead = (log_q == -math.inf) & (log_p == -math.inf)
     log_mix = torch.logsumexp(torch.stack([torch.where(dead, 0.0, log_q + math.log(beta)),
                                            torch.where(dead, 0.0, log_p + math.log(1.0 - beta))]), dim=0)
@@ -140,18 +137,5 @@ def sparse_kd_loss_reference(student_logits, teacher_ids, teacher_logprobs, *, t
     kd = torch.where(valid.any(-1), kd, 0.0)  # no teacher mass at all: no divergence
     undefined = ~torch.isfinite(s.detach().amax(-1))
     kd = torch.where(undefined, torch.nan, kd)
-    counted = torch.ones_like(kd, dtype=torch.bool) if labels is None else labels.reshape(-1) != ignore_index
-    kd = torch.where(counted, kd, 0.0)
-    ce = torch.zeros_like(kd)
-    if hard_weight:
-        ce = F.cross_entropy(s, labels.reshape(-1), ignore_index=ignore_index, reduction="none")
-    kd_scale = temperature**2 if scale_t2 else 1.0
-    n = counted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    if reduction == "none":
-        kd_part, hard_part = kd_scale * kd.reshape(lead_shape), ce.reshape(lead_shape)
-    elif reduction == "sum":
-        kd_part, hard_part = kd_scale * kd.sum(), ce.sum()
-    else:
-        kd_part, hard_part = kd_scale * kd.sum() / n, ce.sum() / n
-    loss = soft_weight * kd_part + hard_weight * hard_part
-    return (loss, kd_part.detach(), hard_part.detach()) if return_parts else loss
+    return _reduce(s, kd, labels, lead_shape, vocab, ignore_index, reduction, temperature, scale_t2, hard_weight,
+                   soft_weight, num_items_in_batch, return_parts)

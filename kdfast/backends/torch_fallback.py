@@ -59,8 +59,10 @@ def transform_logits(x: torch.Tensor, scale: float, cap: float):
     y = x * scale if scale != 1.0 else x
     if cap == 0.0:
         return y, scale
-    t = torch.tanh(y / cap)
-    return t * cap, (1.0 - t * t).mul_(scale)
+    u = y / cap
+    # 1 - tanh^2(u) as 4 e / (1 + e)^2, e = exp(-2|u|): 1 - t * t would cancel where the cap saturates.
+    e = u.abs().mul_(-2.0).exp_()
+    return torch.tanh(u).mul_(cap), e.mul(4.0 * scale).div_((1.0 + e).square_())
 
 
 def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):

@@ -25,10 +25,11 @@ import triton
 import triton.language as tl
 
 from . import FORWARD_KL, JSD, REVERSE_KL, TVD, Backend, KernelParams, jsd_weights, on_device_of
-from .triton_math import expm1_f32, load_logits, log1p_f32, transform_logits
+from .triton_math import expm1_f32, load_logits, log1p_f32, row_label, store_ignored_row, transform_logits
 from .triton_sparse import sparse_kd_forward
 
-assert (FORWARD_KL, REVERSE_KL, JSD, TVD) == (0, 1, 2, 3)  # the DIVERGENCE codes the kernel tests for
+# The divergence codes as the kernels' compile-time constants (a jit function reads only constexpr globals).
+FORWARD_KL_CODE, REVERSE_KL_CODE, JSD_CODE, TVD_CODE = (tl.constexpr(c) for c in (FORWARD_KL, REVERSE_KL, JSD, TVD))
 
 
 @functools.cache
@@ -75,6 +76,140 @@ def tvd_slope(p_s, p_t):
 
 
 @triton.jit
+def online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
+                   DIVERGENCE: tl.constexpr, HARD: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
+                   BLOCK: tl.constexpr):
+    """Sweep 1: the online softmax of both sides against running maxima m_s, m_t. Returns (m_s, m_t,
+    z_s, z_t, w, z1): the maxima, the exp-sums of a = (z - m) / T, w = sum e_t (a_t - a_s) (forward
+    KL) or sum e_s (a_s - a_t) (reverse KL), and z1, the student's exp-sum at T = 1 (hard labels).
+
+    The shifts subtracted are the maxima, or 0 while a side has seen only -inf (so that exp(-inf -
+    shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes the sums NaN."""
+    cols = tl.arange(0, BLOCK)
+    m_s = tl.full([], float("-inf"), tl.float32)
+    m_t = tl.full([], float("-inf"), tl.float32)
+    acc_zs = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_zt = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_w = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_z1 = tl.zeros([BLOCK], dtype=tl.float32)
+    for blk in range(0, tl.cdiv(vocab, BLOCK)):
+        offs = blk * BLOCK + cols
+        mask = offs < vocab
+        xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
+        xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
+        new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+        new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+        old_shift_s = tl.where(m_s > float("-inf"), m_s, 0.0)
+        old_shift_t = tl.where(m_t > float("-inf"), m_t, 0.0)
+        shift_s = tl.where(new_m_s > float("-inf"), new_m_s, 0.0)
+        shift_t = tl.where(new_m_t > float("-inf"), new_m_t, 0.0)
+        # Rescale what was summed against the old shifts (nothing was, before a max).
+        da_s = (shift_s - old_shift_s) * inv_temp
+        da_t = (shift_t - old_shift_t) * inv_temp_t
+        f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
+        f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
+        # A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
+        # where the other had mass): 0 * inf would make the row NaN.
+        if DIVERGENCE == FORWARD_KL_CODE:
+            acc_w = tl.where(f_t > 0, f_t * (acc_w - acc_zt * (da_t - da_s)), 0.0)
+        if DIVERGENCE == REVERSE_KL_CODE:
+            acc_w = tl.where(f_s > 0, f_s * (acc_w - acc_zs * (da_s - da_t)), 0.0)
+        if HARD:
+            acc_z1 = acc_z1 * tl.where(m_s > float("-inf"), tl.exp(old_shift_s - shift_s), 0.0)
+        acc_zs = acc_zs * f_s
+        acc_zt = acc_zt * f_t
+        m_s = new_m_s
+        m_t = new_m_t
+
+        a_s = (xs - shift_s) * inv_temp
+        a_t = (xt - shift_t) * inv_temp_t
+        e_s = tl.exp(a_s)
+        e_t = tl.exp(a_t)
+        acc_zs += e_s
+        acc_zt += e_t
+        # 0 * log 0 = 0: entries with zero weight contribute nothing, even at -inf.
+        if DIVERGENCE == FORWARD_KL_CODE:
+            acc_w += tl.where(e_t > 0, e_t * (a_t - a_s), 0.0)
+        if DIVERGENCE == REVERSE_KL_CODE:
+            acc_w += tl.where(e_s > 0, e_s * (a_s - a_t), 0.0)
+        if HARD:
+            acc_z1 += tl.exp(xs - shift_s)
+    return (m_s, m_t, tl.sum(acc_zs, axis=0), tl.sum(acc_zt, axis=0), tl.sum(acc_w, axis=0),
+            tl.sum(acc_z1, axis=0))
+
+
+@triton.jit
+def mixture_terms(s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t,
+                  s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,
+                  DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    """Sweep 2 (jsd, tvd), which needs both normalisers: returns (kd, kl_student_mix, mean_slope).
+    jsd: kd = beta KL(p_t || m) + (1 - beta) KL(p_s || m), and KL(p_s || m) for the gradient;
+    tvd: kd = 0.5 sum |p_t - p_s|, and sum_i p_s,i tvd_slope_i for the gradient."""
+    cols = tl.arange(0, BLOCK)
+    acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
+    for blk in range(0, tl.cdiv(vocab, BLOCK)):
+        offs = blk * BLOCK + cols
+        mask = offs < vocab
+        xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
+        xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
+        log_ps = (xs - shift_s) * inv_temp - log_zs
+        log_pt = (xt - shift_t) * inv_temp_t - log_zt
+        p_s = tl.exp(log_ps)
+        p_t = tl.exp(log_pt)
+        if DIVERGENCE == JSD_CODE:
+            teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
+                                                            TEACHER_IS_A)
+            # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
+            acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
+            acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
+        else:
+            acc_kl_t += tl.abs(p_t - p_s)
+            acc_kl_s += p_s * tvd_slope(p_s, p_t)
+    if DIVERGENCE == JSD_CODE:
+        kl_student_mix = -tl.sum(acc_kl_s, axis=0)
+        return -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix, kl_student_mix, 0.0
+    return 0.5 * tl.sum(acc_kl_t, axis=0), 0.0, tl.sum(acc_kl_s, axis=0)
+
+
+@triton.jit
+def write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
+                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd, coef_ce,
+                   nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
+                   DIVERGENCE: tl.constexpr, HARD: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr,
+                   CAP_T: tl.constexpr, BLOCK: tl.constexpr):
+    """Sweep 3: coef_kd * d(kd)/d(s / T) + coef_ce * d(ce)/ds, times dz/dx of the student's transforms,
+    in the gradient's dtype; the last-read blocks first (most likely still in L2)."""
+    cols = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(vocab, BLOCK)
+    for i in range(0, n_blocks):
+        offs = (n_blocks - 1 - i) * BLOCK + cols
+        mask = offs < vocab
+        xs, slope = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)  # slope: dz/dx
+        xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
+        log_ps = (xs - shift_s) * inv_temp - log_zs
+        log_pt = (xt - shift_t) * inv_temp_t - log_zt
+        p_s = tl.exp(log_ps)
+        if DIVERGENCE == FORWARD_KL_CODE:
+            d = p_s - tl.exp(log_pt)
+        elif DIVERGENCE == REVERSE_KL_CODE:
+            d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
+        elif DIVERGENCE == TVD_CODE:
+            # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
+            d = p_s * (tvd_slope(p_s, tl.exp(log_pt)) - mean_slope)
+        else:
+            _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split, TEACHER_IS_A)
+            # log p_s - log m = -student_vs_mix
+            d = w_student * tl.where(p_s > 0, p_s * (-student_vs_mix - kl_student_mix), 0.0)
+        g = coef_kd * d + nan_if_bad_label
+        if HARD:
+            p1 = tl.exp(xs - shift_s - log_z1)  # softmax(z) at T = 1
+            g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
+        tl.store(g_row + offs, (g * slope).to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kd_rows_kernel(
     s_ptr, t_ptr, g_ptr, labels_ptr, coefs_ptr, kd_out_ptr, ce_out_ptr,
     rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m, g_stride_b, g_stride_m,
@@ -89,118 +224,27 @@ def _kd_rows_kernel(
     s_row = s_ptr + batch * s_stride_b + pos * s_stride_m
     t_row = t_ptr + batch * t_stride_b + pos * t_stride_m
     g_row = g_ptr + batch * g_stride_b + pos * g_stride_m
-    cols = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(vocab, BLOCK)
-    label = ignore_index
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        ignored = label == ignore_index
-
+    label, ignored = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     if ignored:  # ignored rows are not read at all
-        tl.store(kd_out_ptr + row, 0.0)
-        tl.store(ce_out_ptr + row, 0.0)
-        if WRITE_GRAD:
-            for blk in range(0, n_blocks):
-                offs = blk * BLOCK + cols
-                tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty), mask=offs < vocab)
+        store_ignored_row(kd_out_ptr, ce_out_ptr, row, g_row, vocab, WRITE_GRAD, BLOCK)
     else:
-        # Sweep 1: online softmax of both sides against running maxima m_s, m_t. The
-        # shifts subtracted are the maxima, or 0 while a side has seen only -inf (so that
-        # exp(-inf - shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes
-        # the sums and so the row NaN.
-        m_s = tl.full([], float("-inf"), tl.float32)
-        m_t = tl.full([], float("-inf"), tl.float32)
-        acc_zs = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_zt = tl.zeros([BLOCK], dtype=tl.float32)
-        acc_w = tl.zeros([BLOCK], dtype=tl.float32)  # forward: e_t (a_t - a_s); reverse: e_s (a_s - a_t)
-        acc_z1 = tl.zeros([BLOCK], dtype=tl.float32)  # hard labels: exp(s - shift_s), T = 1
-        for blk in range(0, n_blocks):
-            offs = blk * BLOCK + cols
-            mask = offs < vocab
-            xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
-            xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
-            new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
-            new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-            old_shift_s = tl.where(m_s > float("-inf"), m_s, 0.0)
-            old_shift_t = tl.where(m_t > float("-inf"), m_t, 0.0)
-            shift_s = tl.where(new_m_s > float("-inf"), new_m_s, 0.0)
-            shift_t = tl.where(new_m_t > float("-inf"), new_m_t, 0.0)
-            # Rescale what was summed against the old shifts (nothing was, before a max).
-            da_s = (shift_s - old_shift_s) * inv_temp
-            da_t = (shift_t - old_shift_t) * inv_temp_t
-            f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
-            f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
-            # A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
-            # where the other had mass): 0 * inf would make the row NaN.
-            if DIVERGENCE == 0:
-                acc_w = tl.where(f_t > 0, f_t * (acc_w - acc_zt * (da_t - da_s)), 0.0)
-            if DIVERGENCE == 1:
-                acc_w = tl.where(f_s > 0, f_s * (acc_w - acc_zs * (da_s - da_t)), 0.0)
-            if HARD:
-                acc_z1 = acc_z1 * tl.where(m_s > float("-inf"), tl.exp(old_shift_s - shift_s), 0.0)
-            acc_zs = acc_zs * f_s
-            acc_zt = acc_zt * f_t
-            m_s = new_m_s
-            m_t = new_m_t
-
-            a_s = (xs - shift_s) * inv_temp
-            a_t = (xt - shift_t) * inv_temp_t
-            e_s = tl.exp(a_s)
-            e_t = tl.exp(a_t)
-            acc_zs += e_s
-            acc_zt += e_t
-            # 0 * log 0 = 0: entries with zero weight contribute nothing, even at -inf.
-            if DIVERGENCE == 0:
-                acc_w += tl.where(e_t > 0, e_t * (a_t - a_s), 0.0)
-            if DIVERGENCE == 1:
-                acc_w += tl.where(e_s > 0, e_s * (a_s - a_t), 0.0)
-            if HARD:
-                acc_z1 += tl.exp(xs - shift_s)
-
+        shift_s, shift_t, z_s, z_t, w, z1 = online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap,
+                                                           t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, BLOCK)
         # A side that saw only -inf has no softmax: NaN, like torch.
-        shift_s = m_s
-        shift_t = m_t
-        nan_if_unseen = tl.where((m_s > float("-inf")) & (m_t > float("-inf")), 0.0, float("nan"))
-        z_s = tl.sum(acc_zs, axis=0)
-        z_t = tl.sum(acc_zt, axis=0)
+        nan_if_unseen = tl.where((shift_s > float("-inf")) & (shift_t > float("-inf")), 0.0, float("nan"))
         log_zs = tl.log(z_s) + nan_if_unseen
         log_zt = tl.log(z_t) + nan_if_unseen
         kl_student_mix = 0.0
-        mean_slope = 0.0  # tvd: sum_i p_s,i tvd_slope_i
-        if DIVERGENCE == 0:
-            kd = tl.sum(acc_w, axis=0) / z_t - log_zt + log_zs
-        elif DIVERGENCE == 1:
-            kd = tl.sum(acc_w, axis=0) / z_s - log_zs + log_zt
+        mean_slope = 0.0
+        if DIVERGENCE == FORWARD_KL_CODE:
+            kd = w / z_t - log_zt + log_zs
+        elif DIVERGENCE == REVERSE_KL_CODE:
+            kd = w / z_s - log_zs + log_zt
         else:
-            # Sweep 2 (jsd, tvd): the mixture m = beta p_t + (1 - beta) p_s, or |p_t - p_s|, needs both
-            # normalisers. jsd: KL(p_t || m) and KL(p_s || m); tvd: |p_t - p_s| and p_s tvd_slope.
-            acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
-            acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
-            for blk in range(0, n_blocks):
-                offs = blk * BLOCK + cols
-                mask = offs < vocab
-                xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
-                xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
-                log_ps = (xs - shift_s) * inv_temp - log_zs
-                log_pt = (xt - shift_t) * inv_temp_t - log_zt
-                p_s = tl.exp(log_ps)
-                p_t = tl.exp(log_pt)
-                if DIVERGENCE == 2:
-                    teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c,
-                                                                    jsd_split, TEACHER_IS_A)
-                    # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
-                    acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
-                    acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
-                else:
-                    acc_kl_t += tl.abs(p_t - p_s)
-                    acc_kl_s += p_s * tvd_slope(p_s, p_t)
-            if DIVERGENCE == 2:
-                kl_student_mix = -tl.sum(acc_kl_s, axis=0)
-                kd = -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix
-            else:
-                kd = 0.5 * tl.sum(acc_kl_t, axis=0)
-                mean_slope = tl.sum(acc_kl_s, axis=0)
+            kd, kl_student_mix, mean_slope = mixture_terms(
+                s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap,
+                t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student, DIVERGENCE,
+                TEACHER_IS_A, CAP_S, CAP_T, BLOCK)
 
         # Labels decide which rows count even without the hard term; on a GPU they are not
         # checked on the host (that would sync), so a label out of range makes its row NaN.
@@ -212,7 +256,7 @@ def _kd_rows_kernel(
         tl.store(kd_out_ptr + row, kd + nan_if_bad_label)
         log_z1 = 0.0
         if HARD:
-            log_z1 = tl.log(tl.sum(acc_z1, axis=0)) + nan_if_unseen
+            log_z1 = tl.log(z1) + nan_if_unseen
             x_label, _ = transform_logits(tl.load(s_row + label, mask=label_ok, other=float("nan")).to(tl.float32),
                                           s_scale, s_cap, CAP_S)
             tl.store(ce_out_ptr + row, shift_s + log_z1 - x_label)
@@ -220,36 +264,11 @@ def _kd_rows_kernel(
             tl.store(ce_out_ptr + row, 0.0)
 
         if WRITE_GRAD:
-            # Sweep 3: the gradient, last-read blocks first.
             coef_kd = tl.load(coefs_ptr) * inv_temp  # d(s / T)/ds = 1 / T
-            coef_ce = tl.load(coefs_ptr + 1)
-            for i in range(0, n_blocks):
-                offs = (n_blocks - 1 - i) * BLOCK + cols
-                mask = offs < vocab
-                xs, slope = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)  # slope: dz/dx
-                xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
-                log_ps = (xs - shift_s) * inv_temp - log_zs
-                p_s = tl.exp(log_ps)
-                if DIVERGENCE == 0:
-                    d = p_s - tl.exp((xt - shift_t) * inv_temp_t - log_zt)
-                elif DIVERGENCE == 1:
-                    log_pt = (xt - shift_t) * inv_temp_t - log_zt
-                    d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
-                elif DIVERGENCE == 3:
-                    p_t = tl.exp((xt - shift_t) * inv_temp_t - log_zt)
-                    # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
-                    d = p_s * (tvd_slope(p_s, p_t) - mean_slope)
-                else:
-                    log_pt = (xt - shift_t) * inv_temp_t - log_zt
-                    _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
-                                                       TEACHER_IS_A)
-                    # log p_s - log m = -student_vs_mix
-                    d = w_student * tl.where(p_s > 0, p_s * (-student_vs_mix - kl_student_mix), 0.0)
-                g = coef_kd * d + nan_if_bad_label
-                if HARD:
-                    p1 = tl.exp(xs - shift_s - log_z1)  # softmax(s) at T = 1
-                    g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
-                tl.store(g_row + offs, (g * slope).to(g_ptr.dtype.element_ty), mask=mask)
+            write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
+                           inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd,
+                           tl.load(coefs_ptr + 1), nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
+                           w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, BLOCK)
 
 
 @triton.jit

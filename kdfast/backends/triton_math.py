@@ -58,6 +58,36 @@ def transform_logits(x, scale, cap, CAP: tl.constexpr):
     Without a cap dz/dx is the scalar scale (a product with x would make it NaN at x = -inf)."""
     y = x * scale
     if CAP:
-        t = tanh_f32(y / cap)
-        return cap * t, scale * (1.0 - t * t)
+        u = y / cap
+        # 1 - tanh^2(u) as 4 e / (1 + e)^2, e = exp(-2|u|): 1 - t * t would cancel where the cap saturates.
+        e = tl.exp(-2.0 * tl.abs(u))
+        return cap * tanh_f32(u), scale * (4.0 * e / ((1.0 + e) * (1.0 + e)))
     return y, scale
+
+
+@triton.jit
+def fill_row(g_row, vocab, BLOCK: tl.constexpr):
+    """Zeros over a gradient row: an ignored row's, which is not read at all."""
+    for blk in range(0, tl.cdiv(vocab, BLOCK)):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_row.dtype.element_ty), mask=offs < vocab)
+
+
+@triton.jit
+def row_label(labels_ptr, row, ignore_index, HAS_LABELS: tl.constexpr):
+    """(label, ignored) of a row: (ignore_index, False) without labels."""
+    label = ignore_index
+    ignored = False
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row)
+        ignored = label == ignore_index
+    return label, ignored
+
+
+@triton.jit
+def store_ignored_row(kd_out_ptr, ce_out_ptr, row, g_row, vocab, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    """An ignored row's results, without reading it: losses 0 and a zero gradient."""
+    tl.store(kd_out_ptr + row, 0.0)
+    tl.store(ce_out_ptr + row, 0.0)
+    if WRITE_GRAD:
+        fill_row(g_row, vocab, BLOCK)

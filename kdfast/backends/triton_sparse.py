@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import FORWARD_KL, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, SparseKernelParams, on_device_of
-from .triton_math import _expm1, _log1p, load_logits, transform_logits
+from .triton_math import _expm1, _log1p, load_logits, row_label, store_ignored_row, transform_logits
 
 NEG_INF = float("-inf")
 
@@ -67,19 +67,9 @@ def _sparse_rows_kernel(
     s_row = s_ptr + batch * s_stride_b + pos * s_stride_m
     g_row = g_ptr + batch * g_stride_b + pos * g_stride_m
     cols = tl.arange(0, BLOCK)
-    label = ignore_index
-    ignored = False
-    if HAS_LABELS:
-        label = tl.load(labels_ptr + row)
-        ignored = label == ignore_index
-
+    label, ignored = row_label(labels_ptr, row, ignore_index, HAS_LABELS)
     if ignored:  # ignored rows are not read at all
-        tl.store(kd_out_ptr + row, 0.0)
-        tl.store(ce_out_ptr + row, 0.0)
-        if WRITE_GRAD:
-            for blk in range(0, n_blocks):
-                offs = blk * BLOCK + cols
-                tl.store(g_row + offs, tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty), mask=offs < vocab)
+        store_ignored_row(kd_out_ptr, ce_out_ptr, row, g_row, vocab, WRITE_GRAD, BLOCK)
     else:
         # Sweep 1: the running maximum m, the exp-sum z = sum exp((x - m) / T) (float64, exact per
         # block) and z1 = sum exp(x - m) at T = 1. Each block's shift is kept for the ids' terms.
