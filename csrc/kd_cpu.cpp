@@ -7,6 +7,9 @@
 // sums are rescaled when a maximum grows). The scaled logits and exponentials stay in
 // a per-thread scratch that fits L2, so the later sweeps (the jsd mixture and tvd terms,
 // and the gradient, written with streaming stores) never touch the inputs again.
+// Logit transforms (softcap, logit_scale: LogitTransform) are applied as sweep 1 stages a
+// block, so the later sweeps see the transformed logits; the gradient sweep multiplies by
+// the student's dz/dx, staged then too.
 // The Python layer (kdfast/backends/cpu_ext.py) has already validated every input.
 #include <torch/extension.h>
 
@@ -64,25 +67,40 @@ struct LossParams {
   float coef_kd;         // d(total loss)/d(row divergence), already divided by the reduction's count
   float coef_ce;         // d(total loss)/d(row cross-entropy)
   bool grad_in_cache;    // the gradient is written over the student logits, which sweep 1 just read
+  LogitTransform student_transform, teacher_transform;
 };
 
 // Writes src[0:n] as fp32 into dst[0:kBlock], padded with -inf, and returns the block
 // maximum (NaN if any entry is NaN). Logits stay unscaled: x - max is exact for the
 // entries that matter, and is divided by T only afterwards, so huge logits lose nothing.
-template <typename T>
-float stage_block(const T* src, int64_t n, float* dst) {
+// TRANSFORM: what is written (and maximised) is the transformed logit z, and slope (unless
+// null) receives dz/dx, which the gradient sweep needs after the raw logits are gone.
+template <bool TRANSFORM, typename T>
+float stage_block(const T* src, int64_t n, float* dst, const LogitTransform& tr, float* slope) {
   Vec vmax(-kInf);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     // Rows start at new pages, where the hardware prefetcher stalls: run ahead of it.
     __builtin_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes);
-    const Vec x = load_float(src + i);
+    Vec x = load_float(src + i);
+    if constexpr (TRANSFORM) {
+      if (slope) tr.slope(x).store(slope + i);
+      x = tr.apply(x);
+    }
     x.store(dst + i);
     vmax = at::vec::maximum(vmax, x);
   }
   if (i < kBlock) {
     for (int64_t j = i; j < n; ++j) dst[j] = static_cast<float>(src[j]);
     for (int64_t j = n; j < kBlock; ++j) dst[j] = -kInf;
+    if constexpr (TRANSFORM) {
+      for (int64_t j = i; j < n; j += kLanes) {
+        const Vec x = Vec::loadu(dst + j);
+        if (slope) tr.slope(x).store(slope + j);
+        tr.apply(x).store(dst + j);
+      }
+      for (int64_t j = n; j < kBlock; ++j) dst[j] = -kInf;  // the padding is no entry: not -cap
+    }
     for (; i < kBlock; i += kLanes) vmax = at::vec::maximum(vmax, Vec::loadu(dst + i));
   }
   return hmax(vmax);
@@ -91,11 +109,13 @@ float stage_block(const T* src, int64_t n, float* dst) {
 // Per-thread scratch for one row: logits, the exponentials exp((x - shift) / T) against
 // the running shift (maximum) at their block, and those shifts. Forward KL without hard
 // labels needs no logits after sweep 1, so they are staged a block at a time in L1
-// (block_s, block_t) instead of kept for the whole row.
+// (block_s, block_t) instead of kept for the whole row. With logit transforms and a
+// gradient, dz holds the student's dz/dx (else it is null).
 struct Scratch {
   std::unique_ptr<float[]> mem;
-  float *xs, *xt, *es, *et, *ref_s, *ref_t, *block_s, *block_t;
-  explicit Scratch(int64_t padded) : mem(new float[4 * padded + 2 * (padded / kBlock) + 2 * kBlock]) {
+  float *xs, *xt, *es, *et, *ref_s, *ref_t, *block_s, *block_t, *dz;
+  Scratch(int64_t padded, bool slopes)
+      : mem(new float[(slopes ? 5 : 4) * padded + 2 * (padded / kBlock) + 2 * kBlock]) {
     xs = mem.get();
     xt = xs + padded;
     es = xt + padded;
@@ -104,6 +124,7 @@ struct Scratch {
     ref_t = ref_s + padded / kBlock;
     block_s = ref_t + padded / kBlock;
     block_t = block_s + kBlock;
+    dz = slopes ? block_t + kBlock : nullptr;
   }
 };
 
@@ -120,7 +141,7 @@ struct RowStats {
 };
 
 // Sweep 1. Returns false if the row has no softmax (NaN, +inf, or only -inf).
-template <int64_t DIV, bool HARD, typename S, typename T>
+template <int64_t DIV, bool HARD, bool TRANSFORM, typename S, typename T>
 bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParams& p, RowStats& st) {
   constexpr bool kKeepLogits = DIV != kForwardKL || HARD;
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
@@ -128,8 +149,8 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
     const int64_t n = std::min(kBlock, p.vocab - b);
     float* x_s = kKeepLogits ? sc.xs + b : sc.block_s;
     float* x_t = kKeepLogits ? sc.xt + b : sc.block_t;
-    const float bm_s = stage_block(s_row + b, n, x_s);
-    const float bm_t = stage_block(t_row + b, n, x_t);
+    const float bm_s = stage_block<TRANSFORM>(s_row + b, n, x_s, p.student_transform, sc.dz ? sc.dz + b : nullptr);
+    const float bm_t = stage_block<TRANSFORM>(t_row + b, n, x_t, p.teacher_transform, nullptr);
     if (std::isnan(bm_s) || std::isnan(bm_t) || bm_s == kInf || bm_t == kInf) return false;
     // A larger maximum: move the shifts, rescaling what was summed against the old ones
     // (nothing was, while a side has seen only -inf).
@@ -261,8 +282,9 @@ void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
   st.mean_slope = static_cast<float>(mean_slope);
 }
 
-// Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype.
-template <int64_t DIV, bool HARD, typename S>
+// Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype
+// (times dz/dx with logit transforms: s is then z).
+template <int64_t DIV, bool HARD, bool TRANSFORM, typename S>
 void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad) {
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t), kd(st.kd),
       kl_s(st.kl_student_mix), mean_slope(st.mean_slope);
@@ -302,6 +324,7 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
         }
         g = g + coef_ce * p1;
       }
+      if constexpr (TRANSFORM) g = g * Vec::loadu(sc.dz + i);
       if (i + kLanes <= p.vocab) {
         store_grad(grad + i, g, stream);
       } else {  // the last, partial vector
@@ -318,7 +341,7 @@ void fill_row(S* grad, int64_t n, float value) {
   std::fill(grad, grad + n, static_cast<S>(value));
 }
 
-template <int64_t DIV, bool HARD, typename S, typename T>
+template <int64_t DIV, bool HARD, bool TRANSFORM, typename S, typename T>
 void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
              const c10::optional<at::Tensor>& grad, const LossParams& p, float* kd_out, float* ce_out) {
   const Rows<const S> s_rows(student);
@@ -328,7 +351,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
   if (grad) g_rows = std::make_unique<Rows<S>>(*grad);
   const int64_t grain = std::max<int64_t>(1, 65536 / p.vocab_padded);
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    Scratch sc(p.vocab_padded);
+    Scratch sc(p.vocab_padded, TRANSFORM && g_rows);
     for (int64_t r = begin; r < end; ++r) {
       S* grad_row = g_rows ? g_rows->row(r) : nullptr;
       const int64_t label = labels ? labels[r] : p.ignore_index;
@@ -342,7 +365,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
       // Labels decide which rows count even without the hard term; one out of range makes
       // its row NaN (the Python layer rejects them on CPU tensors, but a direct call may not).
       const bool label_ok = !labels || (label >= 0 && label < p.vocab);
-      if (!online_softmax<DIV, HARD>(s_rows.row(r), t_rows.row(r), sc, p, st) || !label_ok) {
+      if (!online_softmax<DIV, HARD, TRANSFORM>(s_rows.row(r), t_rows.row(r), sc, p, st) || !label_ok) {
         kd_out[r] = kNaN;
         ce_out[r] = HARD ? kNaN : 0.f;
         if (grad_row) fill_row(grad_row, p.vocab, kNaN);
@@ -352,7 +375,7 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
       if constexpr (DIV == kTVD) tvd_terms(sc, p, st);
       kd_out[r] = st.kd;
       ce_out[r] = HARD ? st.shift_s - sc.xs[label] + st.log_z1 : 0.f;
-      if (grad_row) write_gradient<DIV, HARD, S>(sc, p, st, label, grad_row);
+      if (grad_row) write_gradient<DIV, HARD, TRANSFORM, S>(sc, p, st, label, grad_row);
     }
     stream_fence();
   });
@@ -429,7 +452,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
                                               double temperature, double teacher_temperature,
                                               int64_t divergence, double beta,
-                                              int64_t ignore_index, bool hard) {
+                                              int64_t ignore_index, bool hard, double student_scale,
+                                              double student_cap, double teacher_scale, double teacher_cap) {
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
   const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
   const int64_t vocab = student.size(2);
@@ -446,6 +470,9 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   p.coef_kd = coefs_f.data_ptr<float>()[0];
   p.coef_ce = coefs_f.data_ptr<float>()[1];
   p.grad_in_cache = grad && grad->is_alias_of(student);
+  p.student_transform = LogitTransform(student_scale, student_cap);
+  p.teacher_transform = LogitTransform(teacher_scale, teacher_cap);
+  const bool transform = p.student_transform.on() || p.teacher_transform.on();
 
   auto kd_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
   auto ce_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
@@ -456,8 +483,10 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
     dispatch_float(teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
       using T = decltype(t_tag);
       dispatch_divergence(divergence, hard, [&](auto div_tag, auto hard_tag) {
-        kd_rows<decltype(div_tag)::value, decltype(hard_tag)::value, S, T>(
-            student, teacher, label_ptr, grad, p, kd_out.data_ptr<float>(), ce_out.data_ptr<float>());
+        dispatch_bool(transform, [&](auto transform_tag) {
+          kd_rows<decltype(div_tag)::value, decltype(hard_tag)::value, decltype(transform_tag)::value, S, T>(
+              student, teacher, label_ptr, grad, p, kd_out.data_ptr<float>(), ce_out.data_ptr<float>());
+        });
       });
     });
   });
@@ -473,7 +502,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),
-        py::arg("ignore_index"), py::arg("hard"), py::call_guard<py::gil_scoped_release>());
+        py::arg("ignore_index"), py::arg("hard"), py::arg("student_scale") = 1.0, py::arg("student_cap") = 0.0,
+        py::arg("teacher_scale") = 1.0, py::arg("teacher_cap") = 0.0, py::call_guard<py::gil_scoped_release>());
   m.def("gradient_buffer", &gradient_buffer,
         "A contiguous buffer of like's shape and dtype: the last one handed out if no tensor uses it any more",
         py::arg("like"), py::call_guard<py::gil_scoped_release>());

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace kdfast_cpu {
 
@@ -47,6 +48,50 @@ inline float hmax(Vec v) {
 inline float hsum(Vec v) {
   return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
 }
+
+// One side's logit transforms, as the model computes its logits: z = cap tanh(scale x / cap)
+// (cap > 0), else z = scale x; scale 1 and cap 0 are off. The kernels apply them to raw logits
+// as they load them, so everything downstream sees z; the caller picks the path once per call
+// (a template flag), so that the off path has no trace of them.
+struct LogitTransform {
+  float scale = 1.f, cap = 0.f;
+  float scale_over_cap = 0.f;  // formed in double: scale / cap in one rounding
+
+  LogitTransform() = default;
+  LogitTransform(double scale_, double cap_)
+      : scale(static_cast<float>(scale_)),
+        cap(static_cast<float>(cap_)),
+        scale_over_cap(cap_ > 0 ? static_cast<float>(scale_ / cap_) : 0.f) {}
+  bool on() const { return scale != 1.f || cap > 0.f; }
+
+  // tanh(-inf) = -1: with a cap, -inf becomes -cap and +inf becomes +cap, as in the model.
+  Vec apply(Vec x) const {
+    if (cap > 0.f) return Vec(cap) * (x * Vec(scale_over_cap)).tanh();
+    return x * Vec(scale);
+  }
+  // dz/dx = scale (1 - tanh^2 u) = scale 4e / (1 + e)^2 with e = exp(-2|u|): 1 - tanh^2 from an
+  // fp32 tanh near 1 would keep few correct digits where the softmax mass sits (z near cap).
+  // 0 at x = +-inf.
+  Vec slope(Vec x) const {
+    if (cap > 0.f) {
+      const Vec e = (Vec(-2.f) * (x * Vec(scale_over_cap)).abs()).exp();
+      const Vec one_e = Vec(1.f) + e;
+      return Vec(4.f * scale) * e / (one_e * one_e);
+    }
+    return Vec(scale);
+  }
+  // Scalar forms through the vector ones, so that an entry read alone (a label, a sparse id)
+  // gets exactly the bits it gets in a sweep.
+  float apply(float x) const { return first_lane(apply(Vec(x))); }
+  float slope(float x) const { return first_lane(slope(Vec(x))); }
+
+ private:
+  static float first_lane(Vec v) {
+    alignas(64) float lanes[kLanes];
+    v.store(lanes);
+    return lanes[0];
+  }
+};
 
 // Stores one vector of gradient; streaming (non-temporal) stores skip the read of the
 // destination line that a normal store of a cold line costs.
@@ -100,6 +145,14 @@ void dispatch_float(at::ScalarType dtype, const char* what, Fn&& fn) {
     default:
       TORCH_CHECK(false, what, " must be float32, bfloat16 or float16 for the cpu backend, got ", dtype);
   }
+}
+
+// Calls fn with std::true_type or std::false_type: a flag made a template parameter, so that
+// it is tested once per call instead of per entry.
+template <typename Fn>
+void dispatch_bool(bool flag, Fn&& fn) {
+  if (flag) return fn(std::true_type{});
+  return fn(std::false_type{});
 }
 
 }  // namespace kdfast_cpu

@@ -14,6 +14,9 @@
 //    kdfast/backends/torch_fallback.py for the derivation of the gradient).
 // 4. The gradient in one pass: every entry as a rest token, d_j = p_j (h_r / p_r - H), which is
 //    e_j times a per-block constant; then the ids' (and the label's) entries are rewritten.
+// Logit transforms of the student (softcap, logit_scale: LogitTransform) are applied as sweep 1
+// stages each block, which it then always does; everything after sees the transformed logits,
+// and the gradient is multiplied by dz/dx, staged then too.
 // The Python layer (kdfast/backends/cpu_ext.py, kdfast/sparse.py) has validated the inputs;
 // still, an id outside [-1, V) is never read through: its row becomes NaN.
 #include <torch/extension.h>
@@ -45,6 +48,7 @@ struct Params {
   double coef_kd;  // d(total loss)/d(row divergence) / T: d(s / T)/ds = 1 / T
   double coef_ce;  // d(total loss)/d(row cross-entropy)
   bool stream;     // streaming stores (where aligned): the gradient is not the student, which is in cache
+  LogitTransform transform;  // the student's
 };
 
 // Sums float vectors in float64 lanes.
@@ -103,13 +107,36 @@ void stage_partial(const T* src, int64_t n, float* dst) {
   std::fill(dst + n, dst + kBlock, -kInf);
 }
 
+// TRANSFORM: writes the transformed src[0:n] as fp32 into dst[0:kBlock], padded with -inf, and
+// dz/dx into slope (unless null).
+template <typename T>
+void stage_transformed(const T* src, int64_t n, float* dst, const LogitTransform& tr, float* slope) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    __builtin_prefetch(reinterpret_cast<const char*>(src + i) + kPrefetchBytes);
+    const Vec x = load_float(src + i);
+    if (slope) tr.slope(x).store(slope + i);
+    tr.apply(x).store(dst + i);
+  }
+  if (i < n) {  // the row's last, partial vector
+    alignas(64) float part[kLanes] = {};
+    for (int64_t j = i; j < n; ++j) part[j - i] = static_cast<float>(src[j]);
+    const Vec x = Vec::loadu(part);
+    if (slope) tr.slope(x).store(slope + i);
+    tr.apply(x).store(dst + i);
+  }
+  std::fill(dst + n, dst + kBlock, -kInf);  // the padding is no entry: not -cap
+}
+
 // Per-thread scratch: e (and e1 = exp(x - shift) at T = 1 for the hard labels) of the row, the
-// shift of each block, its exp-sums, and the ids' logits.
+// shift of each block, its exp-sums, and the ids' logits. With logit transforms and a gradient,
+// dz and dz_ids hold dz/dx of the row and of the ids (else they are empty).
 struct Scratch {
-  std::vector<float> e, e1, x_ids;
+  std::vector<float> e, e1, x_ids, dz, dz_ids;
   std::vector<double> h_ids, shift, z, z_ids, z1, scale;
-  Scratch(const Params& p, bool hard)
-      : e(p.n_blocks * kBlock), e1(hard ? p.n_blocks * kBlock : 0), x_ids(p.n_ids), h_ids(p.n_ids), shift(p.n_blocks),
+  Scratch(const Params& p, bool hard, bool slopes)
+      : e(p.n_blocks * kBlock), e1(hard ? p.n_blocks * kBlock : 0), x_ids(p.n_ids),
+        dz(slopes ? p.n_blocks * kBlock : 0), dz_ids(slopes ? p.n_ids : 0), h_ids(p.n_ids), shift(p.n_blocks),
         z(p.n_blocks), z_ids(p.n_blocks), z1(p.n_blocks), scale(p.n_blocks) {}
 };
 
@@ -135,8 +162,8 @@ void block_exps(const T* x, float shift, const Vec& inv_temp, float* e, float* e
 }
 
 // Sweep 1; returns the row maximum (NaN for a row with NaN or +inf, -inf for a row all -inf).
-// A block is read twice, the second time from L1.
-template <bool HARD, typename S>
+// A block is read twice, the second time from L1 (staged in e when partial or transformed).
+template <bool HARD, bool TRANSFORM, typename S>
 float sweep(const S* s_row, Scratch& sc, const Params& p) {
   const Vec inv_temp(static_cast<float>(p.inv_temperature));
   float shift = 0;  // the running maximum; 0 while the row is all -inf so far
@@ -146,15 +173,20 @@ float sweep(const S* s_row, Scratch& sc, const Params& p) {
     float* e = sc.e.data() + blk * kBlock;
     float* e1 = HARD ? sc.e1.data() + blk * kBlock : nullptr;
     const int64_t n = std::min(kBlock, p.vocab - blk * kBlock);
-    if (n < kBlock) stage_partial(x, n, e);
-    const float max = n < kBlock ? block_max(e) : block_max(x);
+    const bool staged = TRANSFORM || n < kBlock;
+    if constexpr (TRANSFORM) {
+      stage_transformed(x, n, e, p.transform, sc.dz.empty() ? nullptr : sc.dz.data() + blk * kBlock);
+    } else if (n < kBlock) {
+      stage_partial(x, n, e);
+    }
+    const float max = staged ? block_max(e) : block_max(x);
     if (std::isnan(max) || max == kInf) return std::numeric_limits<float>::quiet_NaN();
     if (max != -kInf && (!seen || max > shift)) {
       shift = max;
       seen = true;
     }
     sc.shift[blk] = seen ? shift : -kInf;
-    if (n < kBlock) {
+    if (staged) {
       block_exps<HARD>(e, shift, inv_temp, e, e1, sc.z[blk], sc.z1[blk]);
     } else {
       block_exps<HARD>(x, shift, inv_temp, e, e1, sc.z[blk], sc.z1[blk]);
@@ -196,7 +228,7 @@ struct RowOut {
 };
 
 // One row that is not ignored; label_ok: no labels, or the row's label is in [0, V).
-template <bool HARD, typename S, typename I, typename L>
+template <bool HARD, bool TRANSFORM, typename S, typename I, typename L>
 RowOut sparse_row(const S* s_row, const I* ids, const L* logprobs, int64_t label, bool label_ok, S* grad,
                   Scratch& sc, const Params& p) {
   const double nan_ce = HARD ? kNaN : 0.0;
@@ -210,7 +242,7 @@ RowOut sparse_row(const S* s_row, const I* ids, const L* logprobs, int64_t label
       return {static_cast<float>(kNaN), static_cast<float>(nan_ce)};
     }
   }
-  const float max = sweep<HARD>(s_row, sc, p);
+  const float max = sweep<HARD, TRANSFORM>(s_row, sc, p);
   if (!(max > -kInf && max < kInf)) {
     if (grad) fill_row(grad, p.vocab, kNaN);
     return {static_cast<float>(kNaN), static_cast<float>(nan_ce)};
@@ -236,6 +268,10 @@ RowOut sparse_row(const S* s_row, const I* ids, const L* logprobs, int64_t label
     ++n_valid;
     sc.z_ids[id / kBlock] += sc.e[id];
     sc.x_ids[k] = static_cast<float>(s_row[id]);
+    if constexpr (TRANSFORM) {
+      if (grad) sc.dz_ids[k] = p.transform.slope(sc.x_ids[k]);
+      sc.x_ids[k] = p.transform.apply(sc.x_ids[k]);
+    }
     teacher_mass += std::exp(static_cast<double>(logprobs[k]));
     label_is_id |= id == label;
   }
@@ -264,7 +300,9 @@ RowOut sparse_row(const S* s_row, const I* ids, const L* logprobs, int64_t label
     h_total += h;
   }
   if (n_valid == 0) kd = h_total = h_rest = 0;  // no teacher mass: no divergence (its ids have none)
-  const float x_label = HARD ? static_cast<float>(s_row[label]) : 0.f;  // before an in-place gradient overwrites it
+  // Read before an in-place gradient overwrites it.
+  const float raw_label = HARD ? static_cast<float>(s_row[label]) : 0.f;
+  const float x_label = HARD && TRANSFORM ? p.transform.apply(raw_label) : raw_label;
   const RowOut out{static_cast<float>(kd), HARD ? static_cast<float>(max + log_z1 - x_label) : 0.f};
   if (!grad) return out;
 
@@ -285,6 +323,7 @@ RowOut sparse_row(const S* s_row, const I* ids, const L* logprobs, int64_t label
     for (int64_t i = begin; i < end; i += kLanes) {
       Vec g = Vec::loadu(e + i - begin) * v1 * v2;
       if constexpr (HARD) g = g + Vec::loadu(e1 + i - begin) * hard_scale;
+      if constexpr (TRANSFORM) g = g * Vec::loadu(sc.dz.data() + i);
       if (i + kLanes <= end) {
         store_grad(grad + i, g, stream);
       } else {  // the row's last, partial vector
@@ -303,16 +342,20 @@ RowOut sparse_row(const S* s_row, const I* ids, const L* logprobs, int64_t label
   for (int64_t k = 0; k < p.n_ids; ++k) {
     const int64_t id = ids[k];
     if (id < 0) continue;
-    grad[id] = static_cast<S>(p.coef_kd * (sc.h_ids[k] - std::exp(log_pk(k)) * h_total) + hard_part(id, sc.x_ids[k]));
+    double g = p.coef_kd * (sc.h_ids[k] - std::exp(log_pk(k)) * h_total) + hard_part(id, sc.x_ids[k]);
+    if constexpr (TRANSFORM) g *= sc.dz_ids[k];
+    grad[id] = static_cast<S>(g);
   }
   if (HARD && !label_is_id) {
-    grad[label] = static_cast<S>(per_e * sc.scale[label / kBlock] * sc.e[label] + hard_part(label, x_label));
+    double g = per_e * sc.scale[label / kBlock] * sc.e[label] + hard_part(label, x_label);
+    if constexpr (TRANSFORM) g *= p.transform.slope(raw_label);
+    grad[label] = static_cast<S>(g);
   }
   return out;
 }
 
 
-template <bool HARD, typename S, typename I, typename L>
+template <bool HARD, bool TRANSFORM, typename S, typename I, typename L>
 void sparse_rows(const at::Tensor& student, const at::Tensor& ids, const at::Tensor& logprobs, const int64_t* labels,
                  const c10::optional<at::Tensor>& grad, const Params& p, float* kd_out, float* ce_out) {
   const Rows<const S> s_rows(student);
@@ -323,7 +366,7 @@ void sparse_rows(const at::Tensor& student, const at::Tensor& ids, const at::Ten
   const int64_t n_rows = student.size(0) * student.size(1);
   const int64_t grain = std::max<int64_t>(1, 65536 / (p.n_blocks * kBlock));
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
-    Scratch sc(p, HARD);
+    Scratch sc(p, HARD, TRANSFORM && g_rows);
     for (int64_t r = begin; r < end; ++r) {
       S* grad_row = g_rows ? g_rows->row(r) : nullptr;
       const int64_t label = labels ? labels[r] : p.ignore_index;
@@ -333,8 +376,8 @@ void sparse_rows(const at::Tensor& student, const at::Tensor& ids, const at::Ten
         continue;
       }
       const bool label_ok = !labels || (label >= 0 && label < p.vocab);
-      const RowOut out = sparse_row<HARD>(s_rows.row(r), ids_ptr + r * p.n_ids, lp_ptr + r * p.n_ids, label,
-                                          label_ok, grad_row, sc, p);
+      const RowOut out = sparse_row<HARD, TRANSFORM>(s_rows.row(r), ids_ptr + r * p.n_ids, lp_ptr + r * p.n_ids,
+                                                     label, label_ok, grad_row, sc, p);
       kd_out[r] = out.kd;
       ce_out[r] = out.ce;
     }
@@ -345,7 +388,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
                                                      const at::Tensor& logprobs, const c10::optional<at::Tensor>& labels,
                                                      const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
                                                      double temperature, int64_t divergence, double beta, int64_t tail,
-                                                     double mass_tolerance, int64_t ignore_index, bool hard) {
+                                                     double mass_tolerance, int64_t ignore_index, bool hard,
+                                                     double student_scale, double student_cap) {
   TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
   // The dense loss's checks of the student, labels, grad and coefs (the student stands in for its teacher).
   const int64_t n_rows = kdfast::check_forward_args(student, student, labels, grad, coefs, hard);
@@ -372,6 +416,7 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
   p.coef_kd = static_cast<double>(coefs_f.data_ptr<float>()[0]) * p.inv_temperature;
   p.coef_ce = coefs_f.data_ptr<float>()[1];
   p.stream = grad && !grad->is_alias_of(student);
+  p.transform = LogitTransform(student_scale, student_cap);
 
   auto kd_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
   auto ce_out = at::empty({n_rows}, student.options().dtype(at::kFloat));
@@ -379,8 +424,11 @@ std::tuple<at::Tensor, at::Tensor> sparse_kd_forward(const at::Tensor& student, 
   dispatch_float(student.scalar_type(), "student_logits", [&](auto s_tag) {
     dispatch_float(logprobs.scalar_type(), "teacher_logprobs", [&](auto l_tag) {
       auto run = [&](auto i_tag, auto hard_tag) {
-        sparse_rows<decltype(hard_tag)::value, decltype(s_tag), decltype(i_tag), decltype(l_tag)>(
-            student, ids, logprobs, label_ptr, grad, p, kd_out.data_ptr<float>(), ce_out.data_ptr<float>());
+        dispatch_bool(p.transform.on(), [&](auto transform_tag) {
+          sparse_rows<decltype(hard_tag)::value, decltype(transform_tag)::value, decltype(s_tag), decltype(i_tag),
+                      decltype(l_tag)>(student, ids, logprobs, label_ptr, grad, p, kd_out.data_ptr<float>(),
+                                       ce_out.data_ptr<float>());
+        });
       };
       auto with_hard = [&](auto i_tag) {
         if (hard) {
@@ -414,5 +462,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Per-row divergence and cross-entropy against a sparse teacher, and optionally the weighted gradient",
         py::arg("student"), py::arg("ids"), py::arg("logprobs"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("divergence"), py::arg("beta"), py::arg("tail"), py::arg("mass_tolerance"),
-        py::arg("ignore_index"), py::arg("hard"), py::call_guard<py::gil_scoped_release>());
+        py::arg("ignore_index"), py::arg("hard"), py::arg("student_scale") = 1.0, py::arg("student_cap") = 0.0,
+        py::call_guard<py::gil_scoped_release>());
 }
