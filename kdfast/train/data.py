@@ -3,13 +3,14 @@
 A training batch is a pure function of (seed, batch index, rank): window k of the
 global order is ``perm_e[k % n]`` with e = k // n and perm_e a permutation drawn from
 (seed, e). A run resumes from its step alone, and W processes with batch B read the
-same windows as one process with batch W * B.
+same windows as one process with batch W * B. :class:`MaskedWindows` are such windows whose
+targets are ignore_index where a token is not to be learnt (e.g. a prompt).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -35,10 +36,13 @@ class TokenWindows:
             raise ValueError(f"{len(tokens)} tokens do not fill one window of context {context} (+1 target)")
         self._epoch, self._perm = -1, None
 
+    def _offsets(self, window_ids: Tensor) -> Tensor:
+        """The stream positions of the given windows, (len(window_ids), context + 1)."""
+        return window_ids[:, None] * self.context + torch.arange(self.context + 1)
+
     def rows(self, window_ids: Tensor) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of the given windows: window k is tokens[k * context : (k + 1) * context + 1]."""
-        offsets = window_ids[:, None] * self.context + torch.arange(self.context + 1)
-        rows = self.tokens[offsets].long()
+        rows = self.tokens[self._offsets(window_ids)].long()
         return rows[:, :-1], rows[:, 1:]
 
     def _order(self, k: int) -> int:
@@ -74,6 +78,45 @@ class TokenWindows:
         mine = (torch.arange(count) * self.n_windows // count)[rank::world_size]
         for chunk in mine.split(batch_size):
             yield self.rows(chunk)
+
+
+class MaskedWindows(TokenWindows):
+    """TokenWindows whose targets are ``ignore_index`` where ``counted`` is False: (input_ids, targets) pairs in
+    which only some tokens are learnt, e.g. prompt/response pairs packed into one stream with the prompts
+    masked (:meth:`from_pairs`). ``counted[i]`` says whether token i is a target. The windows, their order
+    and their identity (sha256) are TokenWindows': a teacher cache of the same tokens serves them too, since
+    the teacher's distribution does not depend on which targets count."""
+
+    def __init__(self, tokens: Union[Tensor, np.ndarray], counted: Union[Tensor, np.ndarray], context: int,
+                 seed: int = 0, ignore_index: int = -100):
+        super().__init__(tokens, context, seed)
+        counted = torch.as_tensor(counted)
+        if counted.dtype != torch.bool or counted.shape != self.tokens.shape:
+            raise ValueError(f"counted must be a bool tensor of the tokens' shape {tuple(self.tokens.shape)}, got "
+                             f"{counted.dtype} of shape {tuple(counted.shape)}")
+        self.counted, self.ignore_index = counted, ignore_index
+
+    @classmethod
+    def from_pairs(cls, pairs: Iterable[tuple[Sequence[int], Sequence[int]]], context: int, seed: int = 0,
+                   ignore_index: int = -100) -> MaskedWindows:
+        """(prompt ids, response ids) pairs, concatenated in their order into one stream in which only the
+        response tokens are targets. Windows cut the stream wherever they fall, as packed training does: a
+        window may start inside a pair, and its positions attend to the pairs before them in it."""
+        tokens, counted = [], []
+        for prompt, response in pairs:
+            for ids, learnt in ((prompt, False), (response, True)):
+                ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+                tokens.append(ids)
+                counted.append(torch.full(ids.shape, learnt))
+        if not tokens:
+            raise ValueError("no (prompt, response) pairs given")
+        return cls(torch.cat(tokens), torch.cat(counted), context, seed, ignore_index)
+
+    def rows(self, window_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) as TokenWindows.rows, with ignore_index at the targets that do not count."""
+        inputs, targets = super().rows(window_ids)
+        counted = self.counted[self._offsets(window_ids)[:, 1:]]
+        return inputs, targets.masked_fill(~counted, self.ignore_index)
 
 
 def load_tokens(path: Union[str, Path]) -> Tensor:

@@ -21,7 +21,7 @@ import random
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 from typing import Optional, Union
@@ -129,6 +129,12 @@ class DistillTrainer:
     of a model: no teacher runs, each batch reads its windows' cached ids and log-probs and the loss is
     kdfast.sparse_kd_loss (fused_linear_sparse_kd_loss on the fused-linear path) with the cache's tail. A cache
     of other windows, vocabulary or temperature is refused; held-out metrics then have no teacher columns.
+
+    Targets may be ignore_index (e.g. :class:`~kdfast.train.data.MaskedWindows`' prompts). With the averaging
+    reductions ("batchmean", the default, and "mean"; the plain cross-entropy without a teacher too) the loss of
+    an optimizer step is the mean over the counted targets of all its micro-batches and processes, so that
+    gradient accumulation and DDP give the gradient of the one big batch; reduction="sum" averages the
+    micro-batches' sums.
     """
 
     def __init__(self, student: nn.Module, train_data: TokenWindows, config: TrainConfig,
@@ -160,7 +166,17 @@ class DistillTrainer:
             path = choose_loss_path(self.student, self.teacher, loss_options, config.loss_path)
         else:
             path = "logits"
-        self.distill_loss = LMDistillLoss(loss_options, path, PRECISIONS[config.precision],
+        for data in (train_data, eval_data):
+            if getattr(data, "ignore_index", loss_options.ignore_index) != loss_options.ignore_index:
+                raise ValueError(f"the data's targets mark what is not counted with {data.ignore_index}, the loss's "
+                                 f"ignore_index is {loss_options.ignore_index}: make them the same")
+        self.plain = self.teacher is None and self.cache is None  # the cross-entropy of LMDistillLoss, a mean
+        self.token_mean = self.plain or loss_options.reduction in ("batchmean", "mean")
+        # What each micro-batch's loss is multiplied by before backward (see _train_step); the kdfast losses
+        # weigh the gradient they compute in forward by it (expected_grad_output), so backward needs no pass.
+        self.grad_scale = float(self.world) if self.token_mean else 1 / config.grad_accum
+        self.distill_loss = LMDistillLoss(replace(loss_options, expected_grad_output=self.grad_scale), path,
+                                          PRECISIONS[config.precision],
                                           self.cache.tail if self.cache is not None else "bucket")
         self.model = self.student
         if self.world > 1:
@@ -245,13 +261,21 @@ class DistillTrainer:
     # --- training ---
 
     def _train_step(self) -> tuple[torch.Tensor, Optional[float]]:
-        """One optimizer step; returns (loss, kd, hard) averaged over its micro-steps, and the gradient norm."""
+        """One optimizer step; returns (loss, kd, hard) and the gradient norm. The parts are this process's
+        share: their mean over the processes is the step's (the mean over its counted targets, or with
+        reduction="sum" over its micro-steps)."""
         cfg = self.cfg
+        all_windows = [self.train_data.batch_windows(self.step * cfg.grad_accum + micro, cfg.batch_size, self.rank,
+                                                     self.world) for micro in range(cfg.grad_accum)]
+        batches = [[x.to(self.device) for x in self.train_data.rows(windows)] for windows in all_windows]
+        counted = [targets.ne(self.loss_options.ignore_index).sum() for _, targets in batches]
+        # The step's counted targets, all micro-batches of all processes (on the device: no host sync). Each
+        # micro-batch's loss is its sum over targets / num_items, so that the micro-batches' gradients add up to
+        # the gradient of the step's token mean. DDP then averages the processes' gradients, dividing by the
+        # world size: the loss is multiplied by it (grad_scale) to undo that.
+        num_items = self._all_reduce(torch.stack(counted).sum(), mean=False) if self.token_mean else None
         parts_sum = torch.zeros(3, device=self.device)
-        for micro in range(cfg.grad_accum):
-            windows = self.train_data.batch_windows(self.step * cfg.grad_accum + micro, cfg.batch_size, self.rank,
-                                                    self.world)
-            inputs, targets = (x.to(self.device) for x in self.train_data.rows(windows))
+        for micro, (windows, (inputs, targets)) in enumerate(zip(all_windows, batches)):
             sparse = {}
             if self.cache is not None:
                 sparse = dict(zip(("teacher_ids", "teacher_logprobs"),
@@ -260,9 +284,16 @@ class DistillTrainer:
             # DDP averages gradients across processes only on the last micro-step
             sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
             with sync:
-                parts = self.distill_loss(self.model, self.teacher, inputs, targets, **sparse)
-                (parts.loss / cfg.grad_accum).backward()
-            parts_sum += torch.stack([parts.loss.detach(), parts.kd, parts.hard]).float() / cfg.grad_accum
+                parts = self.distill_loss(self.model, self.teacher, inputs, targets, num_items_in_batch=num_items,
+                                          **sparse)
+                weight = self.grad_scale
+                if self.plain:  # its cross-entropy is the micro-batch's mean (it takes no num_items_in_batch)
+                    weight = weight * counted[micro] / num_items.clamp(min=1)
+                (parts.loss * weight).backward()
+            contribution = torch.stack([parts.loss.detach(), parts.kd, parts.hard]).float() * weight
+            if self.plain:  # the mean of no targets is NaN (its gradient is 0): this micro-batch adds nothing
+                contribution = torch.where(counted[micro] > 0, contribution, 0.0)
+            parts_sum += contribution
         grad_norm = None
         if cfg.grad_clip > 0:
             grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
