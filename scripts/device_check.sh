@@ -158,6 +158,27 @@ step tests_more 50 "${PYTEST[@]}" -m gpu tests/loss --ignore tests/loss/test_edg
     --junitxml "$LOGS/tests_more.xml"
 bench peers 60 25 gpu-core 'classic,eager,compile,liger-*'
 
+# --- 6b. the trainers' side: TRL's GKDTrainer step with its own loss against kdfast's (TRL and datasets come
+# as wheels in .whl/: scripts/device_wheels.sh, carried with the run), and the fused-linear path's teacher
+# forward memory (every layer's hidden states kept, against the final one captured by a hook)
+if [[ $DRY == 1 ]]; then
+    TRL_ARGS=(--device cpu --vocab 512 --width 32 --seq 32 --batch 2 --steps 2)
+    MEMORY_ARGS=(--device cpu --layers 2 --width 64 --seq 64 --batch 2 --vocab 512)
+else
+    TRL_ARGS=(--device cuda --vocab 128256 --width 1024 --seq 1024 --batch 4 --steps 4)
+    MEMORY_ARGS=(--device cuda --layers 16 --width 2048 --seq 4096 --batch 4 --vocab 128256)
+fi
+if ! "$PY" -c "import trl" 2>/dev/null && compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl > "$LOGS/wheels.log" 2>&1
+    export PYTHONPATH="$PYTHONPATH:$WORK/site"
+fi
+if "$PY" -c "import trl" 2>/dev/null; then
+    step trl_step 90 "$PY" -m benchmarks.trl_step "${TRL_ARGS[@]}"
+else
+    printf 'trl_step\tskipped\t0\t90\tTRL is not installed (scripts/device_wheels.sh, then carry .whl)\n' >> "$STEPS"
+fi
+step teacher_memory 60 "$PY" -m benchmarks.teacher_memory "${MEMORY_ARGS[@]}"
+
 # --- 7. registers and spills of the CUDA kernel from this machine's cuobjdump, beside the Triton report
 wait "$REPORT_PID" 2>/dev/null
 so=$(find "$KDFAST_CACHE" -name '_kd_cuda*.so' 2>/dev/null | head -1)
@@ -191,6 +212,9 @@ failures=$(grep -hE '^(FAIL|FAILED|ERROR)|kdfast FAILED|ERROR:|========= (Invali
     echo "${failures:-none}"
     echo '```'
     echo
+    for name in trl_step teacher_memory; do  # their tables are their logs' last lines
+        [[ -s $LOGS/$name.log ]] && { echo "## $name"; echo; grep '^|' "$LOGS/$name.log"; echo; }
+    done
     echo "## kdfast benchmark cells"
     echo '```'
     grep -h '^\[[a-z-]*\] kdfast' "$LOGS"/bench_*.log 2>/dev/null | grep -v skipped | cut -c1-150

@@ -10,7 +10,8 @@ This is the one place that chooses how the loss is computed:
   that the model's config sets (Gemma 2, Cohere, Granite...: LOGIT_TRANSFORMS) is passed to
   the kernels, which apply it; models with other transforms take the logits path, and so does
   any whose logits a start-up probe finds are not the (transformed) output embedding of the
-  last hidden state.
+  last hidden state. Only that final hidden state is kept from each forward (``run_for_hidden``:
+  a hook, not ``output_hidden_states``, which would keep every layer's).
 - ``logits``: any model returning logits (a tensor, a tuple starting with them, or an
   object with ``.logits``); the loss is ``kd_loss`` on the full logits.
 
@@ -66,6 +67,39 @@ def _run(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], 
     if attention_mask is not None:  # plain modules need not take one
         kwargs["attention_mask"] = attention_mask
     return model(input_ids, **kwargs)
+
+
+def final_hidden_module(model: nn.Module) -> Optional[nn.Module]:
+    """The submodule whose output (or its first element) is the final hidden state, the output embedding's
+    input: a Hugging Face model's base model, or what the model names itself; None if neither."""
+    inner = unwrap(model)
+    own = getattr(inner, "final_hidden_module", None)
+    if callable(own):
+        return own()
+    base = getattr(inner, "base_model", None)
+    return base if isinstance(base, nn.Module) and base is not inner else None
+
+
+def _hidden_of(output) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+
+
+def run_for_hidden(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """The final hidden states of one forward (its logits only at the last position): captured by a forward hook
+    on final_hidden_module, so that only that tensor is kept, not every layer's output as
+    output_hidden_states keeps them (for an 80-layer teacher at 8k tokens x 8192 in bf16, 10 GB)."""
+    module = final_hidden_module(model)
+    if module is None:
+        return _run(model, input_ids, attention_mask, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    captured = []
+    handle = module.register_forward_hook(lambda _module, _args, output: captured.append(_hidden_of(output)))
+    try:
+        _run(model, input_ids, attention_mask, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def output_head(model: nn.Module) -> Optional[nn.Module]:
@@ -228,6 +262,10 @@ def _probe(model: nn.Module) -> tuple[int, Optional[str]]:
             out = inner(ids, output_hidden_states=True)
             if not getattr(out, "hidden_states", None):
                 return logits_of(out).shape[-1], "it returns no hidden_states when asked for them"
+            captured = run_for_hidden(inner, ids, None)
+            if captured.shape != out.hidden_states[-1].shape or not torch.allclose(captured, out.hidden_states[-1]):
+                return logits_of(out).shape[-1], (f"the output of its {type(final_hidden_module(inner)).__name__} "
+                                                  "is not its last hidden state")
             return logits_of(out).shape[-1], _head_mismatch(inner, out, head, transform)
         return logits_of(inner(ids)).shape[-1], reason
     finally:
@@ -333,12 +371,12 @@ class LMDistillLoss:
             return self._sparse(student, input_ids, targets, attention_mask, num_items_in_batch, teacher_ids,
                                 teacher_logprobs)
         fused = teacher is not None and self.path == "fused_linear"
-        extra = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
+        run = run_for_hidden if fused else _run  # fused: the final hidden states, else the outputs
         with autocast(input_ids.device, self.autocast_dtype):
-            student_out = _run(student, input_ids, attention_mask, **extra)
+            student_out = run(student, input_ids, attention_mask)
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_out = _run(teacher, input_ids, attention_mask, **extra)
+                    teacher_out = run(teacher, input_ids, attention_mask)
         if teacher is None:
             logits = logits_of(student_out)
             loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(),
@@ -348,7 +386,7 @@ class LMDistillLoss:
             s_head, t_head = output_head(student), output_head(teacher)
             options = {**self.loss_options.as_kwargs(), **fused_logit_options(student, teacher)}
             return kdfast.fused_linear_kd_loss(
-                student_out.hidden_states[-1], s_head.weight, teacher_out.hidden_states[-1], t_head.weight,
+                student_out, s_head.weight, teacher_out, t_head.weight,
                 student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
                 labels=targets, num_items_in_batch=num_items_in_batch, return_parts=True, **options)
         return kdfast.kd_loss(logits_of(student_out), logits_of(teacher_out), labels=targets,
@@ -358,14 +396,13 @@ class LMDistillLoss:
     def _sparse(self, student: nn.Module, input_ids: Tensor, targets: Tensor, attention_mask: Optional[Tensor],
                 num_items_in_batch, teacher_ids: Tensor, teacher_logprobs: Tensor) -> KDLossParts:
         fused = self.path == "fused_linear"
-        extra = {"output_hidden_states": True, "logits_to_keep": 1} if fused else {}
         with autocast(input_ids.device, self.autocast_dtype):
-            out = _run(student, input_ids, attention_mask, **extra)
+            out = (run_for_hidden if fused else _run)(student, input_ids, attention_mask)
         options = {name: getattr(self.loss_options, name) for name in SPARSE_OPTIONS}
         common = dict(labels=targets, tail=self.tail, num_items_in_batch=num_items_in_batch, return_parts=True)
         if fused:
             head = output_head(student)
-            return kdfast.fused_linear_sparse_kd_loss(out.hidden_states[-1], head.weight, teacher_ids,
+            return kdfast.fused_linear_sparse_kd_loss(out, head.weight, teacher_ids,
                                                       teacher_logprobs, student_bias=getattr(head, "bias", None),
                                                       **common, **options, **fused_logit_options(student, None))
         return kdfast.sparse_kd_loss(logits_of(out), teacher_ids, teacher_logprobs,

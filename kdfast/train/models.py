@@ -3,7 +3,8 @@
 It answers the calls a Hugging Face causal LM answers and the trainer relies on:
 ``model(input_ids, output_hidden_states=True, logits_to_keep=1)`` returns an object with
 ``logits`` and ``hidden_states`` (the last one is the final normed hidden state, what the
-output embedding is applied to), and ``get_output_embeddings()`` returns that ``nn.Linear``.
+output embedding is applied to), and ``get_output_embeddings()`` returns that ``nn.Linear``;
+``final_hidden_module()`` names the module that outputs that last hidden state.
 """
 
 from __future__ import annotations
@@ -99,11 +100,18 @@ class GPT(nn.Module):
             raise ValueError(f"input_ids has {length} positions but the model's context is {self.config.context}")
         positions = torch.arange(length, device=input_ids.device)
         x = self.drop(self.tok_emb(input_ids) + self.pos_emb(positions))
-        hidden = [x]
+        hidden = [x] if output_hidden_states else None  # kept only when asked: each is B x S x H
         for block in self.blocks:
             x = block(x)
-            hidden.append(x)
+            if hidden is not None:
+                hidden.append(x)
         x = self.norm(x)
-        hidden[-1] = x  # as in Hugging Face models: the last hidden state is the normed one
+        if hidden is not None:
+            hidden[-1] = x  # as in Hugging Face models: the last hidden state is the normed one
         logits = self.lm_head(x[..., -logits_to_keep:, :] if logits_to_keep else x)
-        return LMOutput(logits, tuple(hidden) if output_hidden_states else None)
+        return LMOutput(logits, tuple(hidden) if hidden is not None else None)
+
+    def final_hidden_module(self) -> nn.Module:
+        """The module whose output is the final hidden state, what lm_head is applied to (kdfast.train.lm
+        captures it with a hook instead of keeping every layer's output)."""
+        return self.norm

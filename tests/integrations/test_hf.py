@@ -214,3 +214,22 @@ def test_the_probe_refuses_logits_it_cannot_check():
     with pytest.raises(ValueError, match="logits on the probe tokens are all equal"):
         choose_loss_path(ARCHITECTURES["llama"](), blank, KD, "fused_linear")
 
+
+
+@pytest.mark.parametrize("architecture", [*ARCHITECTURES, "kdfast-gpt"])
+def test_the_fused_path_captures_only_the_final_hidden_state(architecture):
+    """run_for_hidden hooks the module that returns the final hidden state instead of asking for every layer's
+    (output_hidden_states keeps them all until the forward returns): the same tensor, without them."""
+    from kdfast.train.lm import run_for_hidden
+    from kdfast.train.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=VOCAB, context=64)) if architecture == "kdfast-gpt" else ARCHITECTURES[architecture]()
+    model.eval()
+    input_ids = torch.randint(3, VOCAB, (2, 12))
+    expected = model(input_ids, output_hidden_states=True).hidden_states[-1]
+    asked = []
+    model.register_forward_pre_hook(lambda _m, args, kwargs: asked.append(kwargs.get("output_hidden_states")),
+                                    with_kwargs=True)
+    hidden = run_for_hidden(model, input_ids, None)
+    assert asked == [None] and torch.equal(hidden, expected)
