@@ -230,31 +230,41 @@ inline std::pair<Vec, Vec> jsd_log_ratios(Vec log_pt, Vec log_ps, const JsdWeigh
   return w.teacher_is_a ? std::make_pair(ratio_a, ratio_b) : std::make_pair(ratio_b, ratio_a);
 }
 
-// Sweep 2, jsd only: the mixture m = beta p_t + (1 - beta) p_s needs both normalisers first.
-// log m - log p_s is stored over xt, which the jsd gradient no longer needs.
-void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
-  const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
-  const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
-  double kl_t = 0, kl_s = 0;
+// Sweep 2 (jsd, tvd), once both normalisers are known: term(i, ps, pt, va, vb) for every vector of
+// entries, which adds to two vector accumulators; returns their sums (in double across blocks).
+template <typename Term>
+std::pair<double, double> mixture_sweep(const Scratch& sc, const LossParams& p, const RowStats& st, Term&& term) {
+  double sum_a = 0, sum_b = 0;
   for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
     const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
     const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
-    Vec vt(0.f), vs(0.f);
+    Vec va(0.f), vb(0.f);
     for (int64_t i = b; i < b + kBlock; i += kLanes) {
-      const Vec ps = Vec::loadu(sc.es + i) * scale_s, pt = Vec::loadu(sc.et + i) * scale_t;
-      const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
-      const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
-      const auto [teacher_vs_mix, student_vs_mix] = jsd_log_ratios(lpt, lps, p.jsd);
-      student_vs_mix.store(sc.xt + i);
-      // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
-      vt += Vec::blendv(zero, pt * teacher_vs_mix, pt > zero);
-      vs += Vec::blendv(zero, ps * student_vs_mix, ps > zero);
+      term(i, Vec::loadu(sc.es + i) * scale_s, Vec::loadu(sc.et + i) * scale_t, va, vb);
     }
-    kl_t -= hsum(vt);
-    kl_s -= hsum(vs);
+    sum_a += hsum(va);
+    sum_b += hsum(vb);
   }
-  st.kl_student_mix = static_cast<float>(kl_s);
-  st.kd = static_cast<float>(p.jsd.teacher * kl_t + p.jsd.student * kl_s);
+  return {sum_a, sum_b};
+}
+
+// jsd: the mixture m = beta p_t + (1 - beta) p_s. log m - log p_s is stored over xt, which the jsd
+// gradient no longer needs.
+void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
+  const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
+  const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
+  // sum p_t (log m - log p_t) = -KL(p_t || m), and the same for p_s
+  const auto [minus_kl_t, minus_kl_s] = mixture_sweep(sc, p, st, [&](int64_t i, Vec ps, Vec pt, Vec& vt, Vec& vs) {
+    const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
+    const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
+    const auto [teacher_vs_mix, student_vs_mix] = jsd_log_ratios(lpt, lps, p.jsd);
+    student_vs_mix.store(sc.xt + i);
+    // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
+    vt += Vec::blendv(zero, pt * teacher_vs_mix, pt > zero);
+    vs += Vec::blendv(zero, ps * student_vs_mix, ps > zero);
+  });
+  st.kl_student_mix = static_cast<float>(-minus_kl_s);
+  st.kd = static_cast<float>(-p.jsd.teacher * minus_kl_t - p.jsd.student * minus_kl_s);
 }
 
 // d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|).
@@ -263,21 +273,12 @@ inline Vec tvd_slope(Vec ps, Vec pt) {
   return Vec::blendv(Vec::blendv(Vec(0.f), Vec(-0.5f), ps < pt), half, ps > pt);
 }
 
-// Sweep 2, tvd only: |p_t - p_s| needs both normalisers first.
+// tvd: 0.5 sum |p_t - p_s|, and sum p_s tvd_slope for the gradient.
 void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
-  double total = 0, mean_slope = 0;
-  for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
-    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
-    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
-    Vec va(0.f), vm(0.f);
-    for (int64_t i = b; i < b + kBlock; i += kLanes) {
-      const Vec ps = Vec::loadu(sc.es + i) * scale_s, pt = Vec::loadu(sc.et + i) * scale_t;
-      va += (pt - ps).abs();
-      vm += ps * tvd_slope(ps, pt);
-    }
-    total += hsum(va);
-    mean_slope += hsum(vm);
-  }
+  const auto [total, mean_slope] = mixture_sweep(sc, p, st, [](int64_t, Vec ps, Vec pt, Vec& va, Vec& vm) {
+    va += (pt - ps).abs();
+    vm += ps * tvd_slope(ps, pt);
+  });
   st.kd = static_cast<float>(0.5 * total);
   st.mean_slope = static_cast<float>(mean_slope);
 }
