@@ -12,6 +12,10 @@
 // a row's last sweep loads and stores with evict-first hints, so that what is dead
 // pushes out of L2 before what is still to be re-read.
 //
+// Logit transforms (a logit scale and a soft cap per side, kd_cuda.h) are applied to every
+// entry as it is loaded, in every sweep; a launch without them runs kernels compiled
+// without them (kTransform false), which convert entries only as they are used.
+//
 // Only CUDA toolkit headers here: the torch binding is kd_cuda_binding.cpp.
 #include "kd_cuda.h"
 
@@ -205,6 +209,52 @@ __device__ void map_row(X* row, int vocab, int lane, int group, Fn fn) {
   }
 }
 
+// A side's logit transforms, as its model applies them to its raw logits x: y = scale x,
+// then z = cap t with t = tanh(y / cap) when cap > 0, else z = y. The kernel computes
+// everything on z and takes the student's gradient back to x through dz/dx = scale (1 - t^2)
+// (scale without a cap). In two steps, so that a loaded vector keeps one float per entry,
+// u = t (or y), from which z and dz/dx are a product away (fp32 copies of both z and dz/dx
+// spilled registers in the gradient sweep). tanhf, not the approximate __tanhf: near t = 1, 1 - t^2 is all of dz/dx.
+// x = -inf with a cap gives z = -cap and dz/dx = 0, +inf gives +cap; NaN stays NaN.
+struct LogitTransform {
+  float scale, cap;  // 1 and 0: off
+
+  __device__ float inner(float x) const {  // u
+    const float y = x * scale;
+    return cap > 0.f ? tanhf(y / cap) : y;
+  }
+  __device__ float z(float u) const { return cap > 0.f ? cap * u : u; }
+  __device__ float slope(float u) const { return cap > 0.f ? scale * (1.f - u * u) : scale; }
+  __device__ float apply(float x) const { return z(inner(x)); }
+};
+
+// W entries of one side through its transforms, what the sweeps see with kTransform.
+template <int W>
+struct Logits {
+  static constexpr int kSize = W;
+  float u[W];  // LogitTransform::inner of each entry
+  LogitTransform tr;
+  __device__ float get(int k) const { return tr.z(u[k]); }
+  __device__ float slope(int k) const { return tr.slope(u[k]); }  // dz/dx
+};
+
+// The logits of a loaded vector v whose entries from n_live on are padding: v itself without
+// kTransform (entries are converted as they are used); else each live entry's u, computed
+// once per load. The padding stays u = -inf, so z = -inf with or without a cap (a raw -inf
+// would become -cap through one, and count); its slope is never stored.
+template <bool kTransform, typename X, int W>
+__device__ auto logits_of(const Packed<X, W>& v, LogitTransform tr, int n_live) {
+  if constexpr (!kTransform) {
+    return v;
+  } else {
+    Logits<W> l;
+    l.tr = tr;
+#pragma unroll
+    for (int k = 0; k < W; ++k) l.u[k] = k < n_live ? tr.inner(v.get(k)) : -kInf;
+    return l;
+  }
+}
+
 // A row of student and teacher logits, split for the student's vectors; the teacher's
 // and the gradient's vectors are used where they are aligned at the same entries too.
 template <typename S, typename T>
@@ -215,21 +265,24 @@ struct RowPair {
   const S* s;
   const T* t;
   S* g;  // the gradient row, or null
+  LogitTransform s_tr, t_tr;  // used by sweeps with kTransform only
   RowSplit split;
   bool t_vec, g_vec;
 
-  __device__ RowPair(const S* s_row, const T* t_row, S* g_row, int vocab)
-      : s(s_row), t(t_row), g(g_row), split(split_row<W>(s_row, vocab)) {
+  __device__ RowPair(const S* s_row, const T* t_row, S* g_row, LogitTransform s_transform,
+                     LogitTransform t_transform, int vocab)
+      : s(s_row), t(t_row), g(g_row), s_tr(s_transform), t_tr(t_transform), split(split_row<W>(s_row, vocab)) {
     t_vec = vector_aligned<W>(t + split.head);
     g_vec = g != nullptr && vector_aligned<W>(g + split.head);
   }
 };
 
 // Calls fn(first, s, t, g) over the row, W entries at a time: a thread's vector, or one
-// scalar entry padded with -inf (which adds nothing to any sum). With kStore, stores g
-// as the gradient of those entries, after this thread read them (so the gradient may
-// overwrite the student). kReverse walks from the end of the row.
-template <bool kReverse, bool kStore, typename S, typename T, typename Fn>
+// scalar entry padded with -inf (which adds nothing to any sum). s and t are the loaded
+// vectors, or with kTransform their Logits (logits_of: every load of the sweeps passes
+// here). With kStore, stores g as the gradient of those entries, after this thread read
+// them (so the gradient may overwrite the student). kReverse walks from the end of the row.
+template <bool kReverse, bool kStore, bool kTransform, typename S, typename T, typename Fn>
 __device__ void sweep(const RowPair<S, T>& row, int lane, int group, bool last_use, Fn&& fn) {
   using Row = RowPair<S, T>;
   constexpr int W = Row::W;
@@ -243,7 +296,8 @@ __device__ void sweep(const RowPair<S, T>& row, int lane, int group, bool last_u
     s_bits[0] = Elem<S>::raw(row.s[i]);
     t_bits[0] = Elem<T>::raw(row.t[i]);
     typename Row::SVec g;
-    fn(i, Row::SVec::of_bits(s_bits), Row::TVec::of_bits(t_bits), g);
+    fn(i, logits_of<kTransform>(Row::SVec::of_bits(s_bits), row.s_tr, 1),
+       logits_of<kTransform>(Row::TVec::of_bits(t_bits), row.t_tr, 1), g);
     if constexpr (kStore) row.g[i] = Elem<S>::make(g.raw(0));
   };
   if constexpr (!kReverse) scalars();
@@ -255,7 +309,7 @@ __device__ void sweep(const RowPair<S, T>& row, int lane, int group, bool last_u
     const typename Row::SVec s = load_packed<S, W>(row.s + first, true, last_use);
     const typename Row::TVec t = load_packed<T, W>(row.t + first, row.t_vec, last_use);
     typename Row::SVec g;
-    fn(first, s, t, g);
+    fn(first, logits_of<kTransform>(s, row.s_tr, W), logits_of<kTransform>(t, row.t_tr, W), g);
     if constexpr (kStore) store_packed(row.g + first, g, row.g_vec);
   }
   if constexpr (kReverse) scalars();
@@ -454,12 +508,12 @@ __device__ __forceinline__ float tvd_slope(float ps, float pt) {
   return ps > pt ? 0.5f : ps < pt ? -0.5f : 0.f;
 }
 
-template <typename S, typename T, int kDiv, bool kHard>
+// kTransform: the sides' logit transforms are on (a launch without them compiles them out).
+template <typename S, typename T, int kDiv, bool kHard, bool kTransform>
 __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, const RowGroups& rg, Scales c,
                        float coef_kd, float coef_ce) {
   using Row = RowPair<S, T>;
   using SVec = typename Row::SVec;
-  using TVec = typename Row::TVec;
   constexpr int W = Row::W;
   const int lane = rg.lane, group = rg.group, vocab = static_cast<int>(a.vocab);
   S* grad = a.grad ? row_start(static_cast<S*>(a.grad), r, a.rows_per_batch, a.grad_stride_b, a.grad_stride_m)
@@ -482,17 +536,22 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
                           a.student.stride_m),
                 row_start(static_cast<const T*>(a.teacher.data), r, a.rows_per_batch, a.teacher.stride_b,
                           a.teacher.stride_m),
-                grad, vocab);
-  // Read before the gradient sweep, which may overwrite the student (group_reduce orders the two).
-  const float s_label = kHard && lane == 0 ? load_one(row.s + label) : 0.f;
+                grad, {a.student_scale, a.student_cap}, {a.teacher_scale, a.teacher_cap}, vocab);
+  // The label's logit z: read before the gradient sweep, which may overwrite the student
+  // (group_reduce orders the two).
+  float s_label = 0.f;
+  if (kHard && lane == 0) {
+    s_label = load_one(row.s + label);
+    if constexpr (kTransform) s_label = row.s_tr.apply(s_label);
+  }
 
   using Stats = SoftmaxStats<kDiv, kHard>;
   Stats st = Stats::identity();
   // jsd and tvd need both normalisers before their terms: a second sweep for the loss.
   constexpr bool kTwoSweeps = kDiv == KDFAST_JSD || kDiv == KDFAST_TVD;
   const bool one_sweep = grad == nullptr && !kTwoSweeps;
-  sweep<false, false>(row, lane, group, one_sweep,
-                      [&](int, const SVec& s, const TVec& t, SVec&) { st.add(s, t, c); });
+  sweep<false, false, kTransform>(row, lane, group, one_sweep,
+                                  [&](int, const auto& s, const auto& t, SVec&) { st.add(s, t, c); });
   st = group_reduce(st, group, c);
   if ((st.flags & kBad) || (st.flags & (kSeenS | kSeenT)) != (kSeenS | kSeenT)) {
     return constant_row(kNaN, kHard ? kNaN : 0.f, kNaN);  // no softmax: NaN, +inf, or only -inf
@@ -507,7 +566,7 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
   if constexpr (kDiv == KDFAST_JSD) {
     // Sweep 2: the mixture needs both normalisers first.
     MixtureTerms mt = MixtureTerms::identity();
-    sweep<true, false>(row, lane, group, grad == nullptr, [&](int, const SVec& s, const TVec& t, SVec&) {
+    sweep<true, false, kTransform>(row, lane, group, grad == nullptr, [&](int, const auto& s, const auto& t, SVec&) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         const float lps = (s.get(k) - res.shift_s) * c.s - res.log_zs;
@@ -526,7 +585,7 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
   if constexpr (kDiv == KDFAST_TVD) {
     // Sweep 2: |p_t - p_s| needs both normalisers first.
     MixtureTerms mt = MixtureTerms::identity();
-    sweep<true, false>(row, lane, group, grad == nullptr, [&](int, const SVec& s, const TVec& t, SVec&) {
+    sweep<true, false, kTransform>(row, lane, group, grad == nullptr, [&](int, const auto& s, const auto& t, SVec&) {
 #pragma unroll
       for (int k = 0; k < W; ++k) {
         const float ps = exp2f((s.get(k) - res.shift_s) * c.s - res.log_zs);
@@ -551,9 +610,10 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
   }
   if (!grad) return;
 
-  // The gradient: coef_kd (already over T) * d(kd)/d(s/T) + coef_ce * (softmax(s) - onehot).
+  // The gradient: coef_kd (already over T) * d(kd)/d(s/T) + coef_ce * (softmax(s) - onehot),
+  // with respect to z; with the transforms, times dz/dx for that with respect to the raw logits.
   const float student_weight = static_cast<float>(jw.student);
-  sweep<!kTwoSweeps, true>(row, lane, group, true, [&](int first, const SVec& s, const TVec& t, SVec& g) {
+  sweep<!kTwoSweeps, true, kTransform>(row, lane, group, true, [&](int first, const auto& s, const auto& t, SVec& g) {
 #pragma unroll
     for (int k = 0; k < W; ++k) {
       const float lps = (s.get(k) - res.shift_s) * c.s - res.log_zs;
@@ -576,12 +636,13 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
         const float p1 = exp2f((s.get(k) - res.shift_s) * kLog2e - res.log_z1);
         gk += coef_ce * (first + k == label ? p1 - 1.f : p1);
       }
+      if constexpr (kTransform) gk *= s.slope(k);
       g.set(k, gk);
     }
   });
 }
 
-template <typename S, typename T, int kDiv, bool kHard>
+template <typename S, typename T, int kDiv, bool kHard, bool kTransform>
 __global__ void __launch_bounds__(kBlockThreads, 2) kd_forward_kernel(const KdCudaArgs a, const JsdWeights jw,
                                                                        int group) {
   const RowGroups rg(group);
@@ -593,7 +654,9 @@ __global__ void __launch_bounds__(kBlockThreads, 2) kd_forward_kernel(const KdCu
     coef_ce = a.coefs[1];
   }
   const int64_t n_rows = a.batch * a.rows_per_batch;
-  for (int64_t r = rg.first; r < n_rows; r += rg.stride) kd_row<S, T, kDiv, kHard>(a, jw, r, rg, c, coef_kd, coef_ce);
+  for (int64_t r = rg.first; r < n_rows; r += rg.stride) {
+    kd_row<S, T, kDiv, kHard, kTransform>(a, jw, r, rg, c, coef_kd, coef_ce);
+  }
 }
 
 template <typename X>
@@ -631,10 +694,16 @@ cudaError_t with_element_type(int dtype, Fn&& fn) {
   }
 }
 
+// Calls fn with std::true_type or std::false_type: a runtime flag as a template argument.
+template <typename Fn>
+cudaError_t with_flag(bool flag, Fn&& fn) {
+  return flag ? fn(std::true_type{}) : fn(std::false_type{});
+}
+
 template <typename Fn>
 cudaError_t with_divergence(int divergence, bool hard, Fn&& fn) {
   auto with_hard = [&](auto div) {
-    return hard ? fn(div, std::true_type{}) : fn(div, std::false_type{});
+    return with_flag(hard, [&](auto h) { return fn(div, h); });
   };
   switch (divergence) {
     case KDFAST_FORWARD_KL: return with_hard(std::integral_constant<int, KDFAST_FORWARD_KL>{});
@@ -649,12 +718,19 @@ bool valid_shape(int64_t batch, int64_t rows_per_batch, int64_t vocab) {
   return batch >= 0 && rows_per_batch >= 0 && vocab >= 1 && vocab <= std::numeric_limits<int>::max();
 }
 
+bool valid_transform(float scale, float cap) {
+  return scale > 0.f && scale < kInf && cap >= 0.f && cap < kInf;  // NaN fails every comparison
+}
+
+bool transform_on(float scale, float cap) { return scale != 1.f || cap != 0.f; }
+
 }  // namespace
 
 extern "C" int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t stream) {
   if (args == nullptr) return cudaErrorInvalidValue;
   const KdCudaArgs& a = *args;
-  if (!valid_shape(a.batch, a.rows_per_batch, a.vocab) || !(a.temperature > 0.f) || !(a.teacher_temperature > 0.f)) {
+  if (!valid_shape(a.batch, a.rows_per_batch, a.vocab) || !(a.temperature > 0.f) || !(a.teacher_temperature > 0.f) ||
+      !valid_transform(a.student_scale, a.student_cap) || !valid_transform(a.teacher_scale, a.teacher_cap)) {
     return cudaErrorInvalidValue;
   }
   const int64_t n_rows = a.batch * a.rows_per_batch;
@@ -665,14 +741,18 @@ extern "C" int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t strea
   }
   const JsdWeights jw = jsd_weights(a.divergence == KDFAST_JSD ? a.beta : 0.5);
   const Geometry geo = geometry(n_rows, a.vocab);
+  // Chosen once per launch: without transforms, the kernels have no trace of them.
+  const bool transform = transform_on(a.student_scale, a.student_cap) || transform_on(a.teacher_scale, a.teacher_cap);
   return with_element_type(a.student.dtype, [&](auto s_tag) {
     return with_element_type(a.teacher.dtype, [&](auto t_tag) {
       return with_divergence(a.divergence, a.hard != 0, [&](auto div, auto hard) {
-        using S = decltype(s_tag);
-        using T = decltype(t_tag);
-        kd_forward_kernel<S, T, decltype(div)::value, decltype(hard)::value>
-            <<<geo.blocks, kBlockThreads, 0, stream>>>(a, jw, geo.group);
-        return cudaGetLastError();
+        return with_flag(transform, [&](auto tr) {
+          using S = decltype(s_tag);
+          using T = decltype(t_tag);
+          kd_forward_kernel<S, T, decltype(div)::value, decltype(hard)::value, decltype(tr)::value>
+              <<<geo.blocks, kBlockThreads, 0, stream>>>(a, jw, geo.group);
+          return cudaGetLastError();
+        });
       });
     });
   });

@@ -53,11 +53,18 @@ typedef struct {
   int64_t ignore_index;  /* rows with this label are not read: 0 loss, zero gradient */
   int divergence;        /* KDFAST_FORWARD_KL, KDFAST_REVERSE_KL, KDFAST_JSD or KDFAST_TVD */
   int hard;              /* nonzero: also the hard-label cross-entropy (needs labels) */
+  /* The logit transforms of each side, applied to its raw logits x before everything above:
+   * y = scale x, then z = cap tanh(y / cap) when cap > 0, else z = y. scale 1 and cap 0 are
+   * off; else finite and > 0. grad is with respect to x: that with respect to z times
+   * dz/dx = scale (1 - tanh^2(y / cap)) (scale without a cap). */
+  float student_scale, student_cap;
+  float teacher_scale, teacher_cap;
 } KdCudaArgs;
 
-/* The fused loss (and gradient) of every row. Rows holding NaN or +inf, rows all -inf,
- * and rows whose label is neither ignore_index nor in [0, vocab) (with or without hard)
- * give NaN losses (the cross-entropy only with hard) and a NaN gradient row. */
+/* The fused loss (and gradient) of every row. Rows holding NaN, or +inf on a side without a
+ * cap (a cap maps it to +cap), rows all -inf on a side without a cap (a cap maps -inf to
+ * -cap), and rows whose label is neither ignore_index nor in [0, vocab) (with or without
+ * hard) give NaN losses (the cross-entropy only with hard) and a NaN gradient row. */
 int kdfast_kd_forward_cuda(const KdCudaArgs* args, cudaStream_t stream);
 
 typedef struct {

@@ -33,7 +33,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
                                               double temperature, double teacher_temperature,
                                               int64_t divergence, double beta,
-                                              int64_t ignore_index, bool hard) {
+                                              int64_t ignore_index, bool hard, double student_scale,
+                                              double student_cap, double teacher_scale, double teacher_cap) {
   TORCH_CHECK(student.is_cuda(), "student must be a CUDA tensor");
   const int64_t n_rows = kdfast::check_forward_args(student, teacher, labels, grad, coefs, hard);
   // Read by the kernel on the device: no host sync. Freed tensors are reused in stream order.
@@ -63,6 +64,11 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   args.ignore_index = ignore_index;
   args.divergence = static_cast<int>(divergence);
   args.hard = hard;
+  // The kernel's transforms are fp32 math, as the other backends' are.
+  args.student_scale = static_cast<float>(student_scale);
+  args.student_cap = static_cast<float>(student_cap);
+  args.teacher_scale = static_cast<float>(teacher_scale);
+  args.teacher_cap = static_cast<float>(teacher_cap);
   check_launch(kdfast_kd_forward_cuda(&args, c10::cuda::getCurrentCUDAStream()));
   return {kd_out, ce_out};
 }
@@ -97,7 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kd_forward", &kd_forward, "Per-row divergence and cross-entropy, and optionally the weighted gradient",
         py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("coefs"),
         py::arg("temperature"), py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),
-        py::arg("ignore_index"), py::arg("hard"), py::call_guard<py::gil_scoped_release>());
+        py::arg("ignore_index"), py::arg("hard"), py::arg("student_scale") = 1.0, py::arg("student_cap") = 0.0,
+        py::arg("teacher_scale") = 1.0, py::arg("teacher_cap") = 0.0, py::call_guard<py::gil_scoped_release>());
   m.def("scale_grad_", &scale_grad, "grad *= scale (a one-element tensor), skipped on the device when it is 1",
         py::arg("grad"), py::arg("scale"), py::call_guard<py::gil_scoped_release>());
 }

@@ -105,7 +105,55 @@ def cases(quick: bool = False) -> list[Case]:
         k = min(v, 8)
         out.append(Case(f"sparse bucket K={k} bf16 V={v}", ("triton",),
                         lambda b, d, v=v, k=k: sparse_case(b, d, v, k)))
+    return out + transform_cases(quick)
+
+
+def transform_cases(quick: bool) -> list[Case]:
+    """The logit transforms (softcap, logit_scale): every divergence, each side alone and both, a cap
+    on logits ~100 (tanh saturates), the warp-wide (V <= 4096) and block-wide rows, misaligned rows
+    (scalar head and tail entries), in place, hard labels, and raw -inf / +inf entries."""
+    both = ("triton", "cuda")
+    out = []
+    for v in (1, 4097) if quick else (1, 4097, 50257):
+        out.append(Case(f"softcap 30 on logits ~100, hard labels, ignored rows bf16 V={v} forward_kl", both,
+                        lambda b, d, v=v: (lambda s, t: compare(
+                            b, (s * 33).to(torch.bfloat16), t * 33, softcap=30.0, temperature=2.0,
+                            labels=labels_with_ignored_rows((4,), v, d, v), hard_weight=0.5))(
+                            *logits((4, v), torch.float32, d, v))))
+    # a Granite-like student (raw logits 16x too large), on x[:, :-1]: the row stride is V + 1
+    out.append(Case("logit_scale (1/16, None) on a vocab slice x[:, :-1] fp32/bf16 V=17 reverse_kl", both,
+                    lambda b, d: (lambda s, t: compare(
+                        b, s * 16, t[:, :-1].to(torch.bfloat16), view=lambda y: y[:, :-1], logit_scale=(0.0625, None),
+                        divergence="reverse_kl"))(*logits((3, 18), torch.float32, d, 17))))
+    out.append(Case("softcap (None, 30) in place on logits[:, :-1] bf16/fp16 V=4097 jsd", both,
+                    lambda b, d: (lambda s, t: compare(
+                        b, s, (t * 33)[:, :-1].to(torch.float16), inplace=True, view=lambda y: y[:, :-1],
+                        softcap=(None, 30.0), divergence="jsd", beta=0.3,
+                        labels=labels_with_ignored_rows((2, 2), 4097, d, 4097)))(
+                        *logits((2, 3, 4097), torch.bfloat16, d, 4097))))
+    out.append(Case("softcap (30, 20) and logit_scale (2, 0.5), hard labels fp16 V=17 tvd", both,
+                    lambda b, d: (lambda s, t: compare(
+                        b, s, t.to(torch.float16), softcap=(30.0, 20.0), logit_scale=(2.0, 0.5), divergence="tvd",
+                        labels=labels_with_ignored_rows((4,), 17, d, 17), hard_weight=0.25))(
+                        *logits((4, 17), torch.float16, d, 17))))
+    for div in (*DIVERGENCES, "tvd"):
+        out.append(Case(f"softcap 30 with raw -inf and +inf entries, hard labels on them fp32 V=17 {div}", both,
+                        lambda b, d, div=div: infinite_entries_case(b, d, div)))
     return out
+
+
+def infinite_entries_case(backend, device, divergence):
+    """A cap maps raw -inf to -cap and +inf to +cap (dz/dx = 0 at both): no row is NaN, not even one
+    whose label is such an entry, or where both sides are -inf."""
+    s, t = logits((4, 17), torch.float32, device, 17)
+    inf = float("inf")
+    # Rows of 17 fp32 start 0, 4, 8, 12 bytes past 16-byte alignment: in the CUDA kernel, row 0's entry
+    # 16 is a scalar tail and row 3's entry 0 a scalar head, the others are in 4-entry vectors.
+    s[0, 3], t[0, 3], s[0, 16] = -inf, -inf, -inf
+    s[1, 5], t[1, 7] = inf, -inf
+    s[3, 0], t[3, 0] = -inf, inf
+    labels = torch.tensor([16, 5, -100, 0], device=device)  # on -inf, on +inf, ignored, on -inf
+    return compare(backend, s, t, softcap=30.0, divergence=divergence, labels=labels, hard_weight=0.5)
 
 
 def sparse_case(backend, device, vocab, k):
