@@ -42,20 +42,44 @@ def kd_kernel_signature(dtype: str) -> dict[str, str]:
 
 
 def compile_kd_kernel(divergence: int, block: int, num_warps: int, write_grad: bool = True, hard: bool = False,
-                      dtype: str = "bf16"):
-    """The loss kernel compiled for sm_90, with the student (and gradient) logits of ``dtype``."""
+                      dtype: str = "bf16", aligned_vocab: bool = True, caps: bool = False,
+                      num_stages=None):
+    """The loss kernel compiled for sm_90, with the student (and gradient) logits of ``dtype``; V a multiple
+    of 16 or not (GPT-2's 50257, a vocab_size slice), both sides soft-capped or not."""
     names = list(tk._kd_rows_kernel.arg_names)
-    # What Triton's launcher infers at run time for 16-aligned pointers, strides and V.
-    aligned = [n for n in names if n.endswith("_ptr") or "stride" in n or n == "vocab"]
+    # What Triton's launcher infers at run time for 16-aligned pointers, strides and (when it is) V.
+    aligned = [n for n in names if n.endswith("_ptr") or "stride" in n or (n == "vocab" and aligned_vocab)]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     constexprs = {"DIVERGENCE": divergence, "HARD": hard, "HAS_LABELS": hard, "WRITE_GRAD": write_grad,
-                  "BLOCK": block}
+                  "CAP_S": caps, "CAP_T": caps, "BLOCK": block, "NUM_STAGES": num_stages}
     signature = kd_kernel_signature(dtype)
     # constexprs the caller does not vary (e.g. jsd's TEACHER_IS_A) take their launch-time default
     constexprs.update({n: False for n, kind in signature.items() if kind == "constexpr" and n not in constexprs})
     signature["t_ptr"] = "*bf16"  # the teacher stays bf16 in every variant
     source = ASTSource(fn=tk._kd_rows_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def compile_sparse_kernel(divergence: int, tail: int, hard: bool, caps: bool, dtype: str = "bf16"):
+    """The sparse-teacher kernel compiled for sm_90 (int64 ids, fp32 log-probabilities)."""
+    from kdfast.backends import triton_sparse
+
+    kernel = triton_sparse._sparse_rows_kernel
+    pointers = {"ids_ptr": "*i64", "lq_ptr": "*fp32", "shift_ptr": "*fp32", **POINTER_TYPES}
+    ints = ("rows_per_batch", "n_ids", "vocab", "n_blocks", "ignore_index")
+
+    def kind(name: str) -> str:
+        if name.isupper():
+            return "constexpr"
+        if name.endswith("_ptr"):
+            return pointers.get(name, f"*{dtype}")
+        return "i32" if name in ints or "stride" in name else "fp32"
+
+    signature = {name: kind(name) for name in kernel.arg_names}
+    constexprs = {"DIVERGENCE": divergence, "TAIL": tail, "HARD": hard, "HAS_LABELS": hard, "WRITE_GRAD": True,
+                  "CAP": caps, "BLOCK": 4096, "K_BLOCK": 64}
+    return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
 
 
 def compile_scale_kernel(per_row: bool):
@@ -66,8 +90,9 @@ def compile_scale_kernel(per_row: bool):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-def report(divergence: int, block: int, num_warps: int, write_grad: bool = True) -> str:
-    kernel = compile_kd_kernel(divergence, block, num_warps, write_grad)
+def report(divergence: int, block: int, num_warps: int, write_grad: bool = True, aligned_vocab: bool = True,
+           caps: bool = False) -> str:
+    kernel = compile_kd_kernel(divergence, block, num_warps, write_grad, aligned_vocab=aligned_vocab, caps=caps)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
         f.flush()
@@ -78,24 +103,34 @@ def report(divergence: int, block: int, num_warps: int, write_grad: bool = True)
     loads = sorted({m or ".32/.16" for m in re.findall(r"LDG\.E((?:\.\w+)*)", sass)})
     stores = sorted({m or ".32/.16" for m in re.findall(r"STG\.E((?:\.\w+)*)", sass)})
     per_sm = min(65536 // (regs * 32 * num_warps), 64 // num_warps)
-    return (f"divergence={divergence} BLOCK={block:5d} warps={num_warps:2d} grad={write_grad!s:5}: "
+    variant = ("" if aligned_vocab else " any V") + (" capped" if caps else "")
+    return (f"divergence={divergence} BLOCK={block:5d} warps={num_warps:2d} grad={write_grad!s:5}{variant}: "
             f"{regs:3d} regs, {spills} B local, {per_sm} programs/SM, loads {loads}, stores {stores}, "
             f"{sass.count('MUFU.EX2')} MUFU.EX2")
 
 
 def check() -> list[str]:
-    """Compiles every variant of both kernels; returns what is wrong (nothing, normally)."""
+    """Compiles every variant of the kernels (loss, scale, sparse); returns what is wrong (nothing, normally)."""
     problems = []
-    for divergence in (0, 1, 2):
-        for hard, write_grad, dtype in ((False, True, "bf16"), (True, True, "fp32"), (True, False, "fp16")):
-            name = f"divergence={divergence} hard={hard} grad={write_grad} {dtype}"
-            ptx = compile_kd_kernel(divergence, 4096, 16, write_grad, hard, dtype).asm["ptx"]
+    variants = ((False, True, "bf16", True, False), (True, True, "fp32", True, False), (True, False, "fp16", True, False),
+                (False, True, "bf16", False, False), (True, True, "bf16", False, True))
+    for divergence in (0, 1, 2, 3):
+        for hard, write_grad, dtype, aligned_vocab, caps in variants:
+            name = (f"divergence={divergence} hard={hard} grad={write_grad} {dtype} "
+                    f"{'V % 16 == 0' if aligned_vocab else 'any V'}{' capped' if caps else ''}")
+            ptx = compile_kd_kernel(divergence, 4096, 16, write_grad, hard, dtype, aligned_vocab, caps).asm["ptx"]
             if not re.search(r"ld\.global(\.\w+)*\.v4", ptx):
                 problems.append(f"{name}: the logits are not loaded 16 bytes at a time")
+            if write_grad and not re.search(r"st\.global(\.\w+)*\.v4", ptx):
+                problems.append(f"{name}: the gradient is not stored 16 bytes at a time")
             if ".local" in ptx:
                 problems.append(f"{name}: registers spill to local memory")
     for per_row in (False, True):
         compile_scale_kernel(per_row)
+    for divergence, tail in ((0, 0), (0, 1), (0, 2), (1, 0), (2, 0)):
+        for hard, caps in ((False, False), (True, True)):
+            if ".local" in compile_sparse_kernel(divergence, tail, hard, caps).asm["ptx"]:
+                problems.append(f"sparse divergence={divergence} tail={tail} hard={hard} caps={caps}: spills")
     return problems
 
 
@@ -105,6 +140,8 @@ if __name__ == "__main__":
         found = check()
         print("\n".join(found) or "all kernel variants compile for sm_90, with 128-bit loads and no spills")
         sys.exit(1 if found else 0)
-    for divergence in (0, 1, 2):
+    for divergence in (0, 1, 2, 3):
         for block, warps in ((1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)):
             print(report(divergence, block, warps))
+    for aligned_vocab, caps in ((False, False), (True, True)):
+        print(report(0, 4096, 16, aligned_vocab=aligned_vocab, caps=caps))

@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -219,12 +220,22 @@ __device__ void map_row(X* row, int vocab, int lane, int group, Fn fn) {
 struct LogitTransform {
   float scale, cap;  // 1 and 0: off
 
-  __device__ float inner(float x) const {  // u
+  // y = scale x, divided by the cap when there is one; there a +-inf logit becomes +-FLT_MAX (z = +-cap,
+  // as tanh makes it), so that -inf is left to mark padding, which must stay -inf.
+  __device__ float inner(float x) const {
     const float y = x * scale;
-    return cap > 0.f ? tanhf(y / cap) : y;
+    if (cap == 0.f) return y;
+    const float u = y / cap;
+    return isinf(u) ? copysignf(FLT_MAX, u) : u;
   }
-  __device__ float z(float u) const { return cap > 0.f ? cap * u : u; }
-  __device__ float slope(float u) const { return cap > 0.f ? scale * (1.f - u * u) : scale; }
+  __device__ float z(float y) const { return cap > 0.f && y != -kInf ? cap * tanhf(y) : y; }
+  // dz/dx = scale (1 - tanh^2(y)), as 4 e / (1 + e)^2 with e = exp(-2|y|): from a rounded tanh, 1 - t^2
+  // loses its digits where the cap saturates (2e-3 relative at |y| = 6).
+  __device__ float slope(float y) const {
+    if (cap == 0.f) return scale;
+    const float e = expf(-2.f * fabsf(y));
+    return scale * (4.f * e / ((1.f + e) * (1.f + e)));
+  }
   __device__ float apply(float x) const { return z(inner(x)); }
 };
 
@@ -232,16 +243,16 @@ struct LogitTransform {
 template <int W>
 struct Logits {
   static constexpr int kSize = W;
-  float u[W];  // LogitTransform::inner of each entry
+  float y[W];  // LogitTransform::inner of each entry
   LogitTransform tr;
-  __device__ float get(int k) const { return tr.z(u[k]); }
-  __device__ float slope(int k) const { return tr.slope(u[k]); }  // dz/dx
+  __device__ float get(int k) const { return tr.z(y[k]); }
+  __device__ float slope(int k) const { return tr.slope(y[k]); }  // dz/dx
 };
 
 // The logits of a loaded vector v whose entries from n_live on are padding: v itself without
-// kTransform (entries are converted as they are used); else each live entry's u, computed
-// once per load. The padding stays u = -inf, so z = -inf with or without a cap (a raw -inf
-// would become -cap through one, and count); its slope is never stored.
+// kTransform (entries are converted as they are used); else each live entry's y, computed
+// once per load. The padding is y = -inf, which z keeps -inf with or without a cap (a raw -inf
+// becomes -cap through one, and counts); its slope is never stored.
 template <bool kTransform, typename X, int W>
 __device__ auto logits_of(const Packed<X, W>& v, LogitTransform tr, int n_live) {
   if constexpr (!kTransform) {
@@ -250,7 +261,7 @@ __device__ auto logits_of(const Packed<X, W>& v, LogitTransform tr, int n_live) 
     Logits<W> l;
     l.tr = tr;
 #pragma unroll
-    for (int k = 0; k < W; ++k) l.u[k] = k < n_live ? tr.inner(v.get(k)) : -kInf;
+    for (int k = 0; k < W; ++k) l.y[k] = k < n_live ? tr.inner(v.get(k)) : -kInf;
     return l;
   }
 }

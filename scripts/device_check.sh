@@ -150,6 +150,12 @@ bench gpu-core 75 40 gpu-core 'kdfast-triton*,kdfast-cuda*'
 bench sparse 45 15 sparse 'kdfast-triton*'
 bench fused-linear 40 10 fused-linear 'kdfast-fused,mm+kdfast'
 bench gpu-extra 45 15 gpu-extra 'kdfast-*'  # V=50257 (unaligned) and fp32
+# the Triton launch grid: BLOCK x warps x pipelining depth, from which launch_config is to be picked
+if [[ $DRY == 1 ]]; then
+    step triton_grid 60 "$PY" -m benchmarks.triton_grid --device cpu --n 2 --vocabs 300 --repeats 1
+else
+    step triton_grid 60 "$PY" -m benchmarks.triton_grid --device cuda
+fi
 
 # --- 6. the races and barriers, the remaining GPU tests, then the peers with what time is left
 sanitize racecheck 40 triton,cuda --quick
@@ -212,7 +218,7 @@ failures=$(grep -hE '^(FAIL|FAILED|ERROR)|kdfast FAILED|ERROR:|========= (Invali
     echo "${failures:-none}"
     echo '```'
     echo
-    for name in trl_step teacher_memory; do  # their tables are their logs' last lines
+    for name in triton_grid trl_step teacher_memory; do  # their tables are their logs' last lines
         [[ -s $LOGS/$name.log ]] && { echo "## $name"; echo; grep '^|' "$LOGS/$name.log"; echo; }
     done
     echo "## kdfast benchmark cells"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -76,15 +77,61 @@ def tvd_slope(p_s, p_t):
 
 
 @triton.jit
+def online_softmax_block(s_row, t_row, offs, mask, m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp, inv_temp_t,
+                         s_scale, s_cap, t_scale, t_cap, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
+                         CAP_S: tl.constexpr, CAP_T: tl.constexpr, MASKED: tl.constexpr):
+    """One block of sweep 1 (see online_softmax): the state (m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1) after it."""
+    xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S, MASKED)
+    xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T, MASKED)
+    new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
+    new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
+    old_shift_s = tl.where(m_s > float("-inf"), m_s, 0.0)
+    old_shift_t = tl.where(m_t > float("-inf"), m_t, 0.0)
+    shift_s = tl.where(new_m_s > float("-inf"), new_m_s, 0.0)
+    shift_t = tl.where(new_m_t > float("-inf"), new_m_t, 0.0)
+    # Rescale what was summed against the old shifts (nothing was, before a max).
+    da_s = (shift_s - old_shift_s) * inv_temp
+    da_t = (shift_t - old_shift_t) * inv_temp_t
+    f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
+    f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
+    # A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
+    # where the other had mass): 0 * inf would make the row NaN.
+    if DIVERGENCE == FORWARD_KL_CODE:
+        acc_w = tl.where(f_t > 0, f_t * (acc_w - acc_zt * (da_t - da_s)), 0.0)
+    if DIVERGENCE == REVERSE_KL_CODE:
+        acc_w = tl.where(f_s > 0, f_s * (acc_w - acc_zs * (da_s - da_t)), 0.0)
+    if HARD:
+        acc_z1 = acc_z1 * tl.where(m_s > float("-inf"), tl.exp(old_shift_s - shift_s), 0.0)
+    acc_zs = acc_zs * f_s
+    acc_zt = acc_zt * f_t
+
+    a_s = (xs - shift_s) * inv_temp
+    a_t = (xt - shift_t) * inv_temp_t
+    e_s = tl.exp(a_s)
+    e_t = tl.exp(a_t)
+    acc_zs += e_s
+    acc_zt += e_t
+    # 0 * log 0 = 0: entries with zero weight contribute nothing, even at -inf.
+    if DIVERGENCE == FORWARD_KL_CODE:
+        acc_w += tl.where(e_t > 0, e_t * (a_t - a_s), 0.0)
+    if DIVERGENCE == REVERSE_KL_CODE:
+        acc_w += tl.where(e_s > 0, e_s * (a_s - a_t), 0.0)
+    if HARD:
+        acc_z1 += tl.exp(xs - shift_s)
+    return new_m_s, new_m_t, acc_zs, acc_zt, acc_w, acc_z1
+
+
+@triton.jit
 def online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
                    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
-                   BLOCK: tl.constexpr):
+                   BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Sweep 1: the online softmax of both sides against running maxima m_s, m_t. Returns (m_s, m_t,
     z_s, z_t, w, z1): the maxima, the exp-sums of a = (z - m) / T, w = sum e_t (a_t - a_s) (forward
     KL) or sum e_s (a_s - a_t) (reverse KL), and z1, the student's exp-sum at T = 1 (hard labels).
 
     The shifts subtracted are the maxima, or 0 while a side has seen only -inf (so that exp(-inf -
-    shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes the sums NaN."""
+    shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes the sums NaN. The full
+    blocks are read without a mask, the partial last one with it (every sweep reads so)."""
     cols = tl.arange(0, BLOCK)
     m_s = tl.full([], float("-inf"), tl.float32)
     m_t = tl.full([], float("-inf"), tl.float32)
@@ -92,81 +139,69 @@ def online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap, t_
     acc_zt = tl.zeros([BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_z1 = tl.zeros([BLOCK], dtype=tl.float32)
-    for blk in range(0, tl.cdiv(vocab, BLOCK)):
+    n_full = vocab // BLOCK
+    for blk in tl.range(0, n_full, num_stages=NUM_STAGES):
         offs = blk * BLOCK + cols
-        mask = offs < vocab
-        xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
-        xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
-        new_m_s = tl.maximum(m_s, tl.max(xs, axis=0))
-        new_m_t = tl.maximum(m_t, tl.max(xt, axis=0))
-        old_shift_s = tl.where(m_s > float("-inf"), m_s, 0.0)
-        old_shift_t = tl.where(m_t > float("-inf"), m_t, 0.0)
-        shift_s = tl.where(new_m_s > float("-inf"), new_m_s, 0.0)
-        shift_t = tl.where(new_m_t > float("-inf"), new_m_t, 0.0)
-        # Rescale what was summed against the old shifts (nothing was, before a max).
-        da_s = (shift_s - old_shift_s) * inv_temp
-        da_t = (shift_t - old_shift_t) * inv_temp_t
-        f_s = tl.where(m_s > float("-inf"), tl.exp(-da_s), 0.0)
-        f_t = tl.where(m_t > float("-inf"), tl.exp(-da_t), 0.0)
-        # A weight that underflowed to 0 adds nothing, even to an infinite w (a side -inf
-        # where the other had mass): 0 * inf would make the row NaN.
-        if DIVERGENCE == FORWARD_KL_CODE:
-            acc_w = tl.where(f_t > 0, f_t * (acc_w - acc_zt * (da_t - da_s)), 0.0)
-        if DIVERGENCE == REVERSE_KL_CODE:
-            acc_w = tl.where(f_s > 0, f_s * (acc_w - acc_zs * (da_s - da_t)), 0.0)
-        if HARD:
-            acc_z1 = acc_z1 * tl.where(m_s > float("-inf"), tl.exp(old_shift_s - shift_s), 0.0)
-        acc_zs = acc_zs * f_s
-        acc_zt = acc_zt * f_t
-        m_s = new_m_s
-        m_t = new_m_t
-
-        a_s = (xs - shift_s) * inv_temp
-        a_t = (xt - shift_t) * inv_temp_t
-        e_s = tl.exp(a_s)
-        e_t = tl.exp(a_t)
-        acc_zs += e_s
-        acc_zt += e_t
-        # 0 * log 0 = 0: entries with zero weight contribute nothing, even at -inf.
-        if DIVERGENCE == FORWARD_KL_CODE:
-            acc_w += tl.where(e_t > 0, e_t * (a_t - a_s), 0.0)
-        if DIVERGENCE == REVERSE_KL_CODE:
-            acc_w += tl.where(e_s > 0, e_s * (a_s - a_t), 0.0)
-        if HARD:
-            acc_z1 += tl.exp(xs - shift_s)
+        m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1 = online_softmax_block(
+            s_row, t_row, offs, offs < vocab, m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp, inv_temp_t,
+            s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, False)
+    if n_full * BLOCK < vocab:
+        offs = n_full * BLOCK + cols
+        m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1 = online_softmax_block(
+            s_row, t_row, offs, offs < vocab, m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp, inv_temp_t,
+            s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, True)
     return (m_s, m_t, tl.sum(acc_zs, axis=0), tl.sum(acc_zt, axis=0), tl.sum(acc_w, axis=0),
             tl.sum(acc_z1, axis=0))
+
+
+@triton.jit
+def mixture_block(s_row, t_row, offs, mask, acc_kl_t, acc_kl_s, shift_s, shift_t, log_zs, log_zt, inv_temp,
+                  inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split,
+                  DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
+                  MASKED: tl.constexpr):
+    """One block of sweep 2 (see mixture_terms): the two accumulators after it."""
+    xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S, MASKED)
+    xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T, MASKED)
+    log_ps = (xs - shift_s) * inv_temp - log_zs
+    log_pt = (xt - shift_t) * inv_temp_t - log_zt
+    p_s = tl.exp(log_ps)
+    p_t = tl.exp(log_pt)
+    if DIVERGENCE == JSD_CODE:
+        teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
+                                                        TEACHER_IS_A)
+        # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
+        acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
+        acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
+    else:
+        acc_kl_t += tl.abs(p_t - p_s)
+        acc_kl_s += p_s * tvd_slope(p_s, p_t)
+    return acc_kl_t, acc_kl_s
 
 
 @triton.jit
 def mixture_terms(s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t,
                   s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,
                   DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
-                  BLOCK: tl.constexpr):
+                  BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Sweep 2 (jsd, tvd), which needs both normalisers: returns (kd, kl_student_mix, mean_slope).
     jsd: kd = beta KL(p_t || m) + (1 - beta) KL(p_s || m), and KL(p_s || m) for the gradient;
     tvd: kd = 0.5 sum |p_t - p_s|, and sum_i p_s,i tvd_slope_i for the gradient."""
     cols = tl.arange(0, BLOCK)
     acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
-    for blk in range(0, tl.cdiv(vocab, BLOCK)):
+    n_full = vocab // BLOCK
+    for blk in tl.range(0, n_full, num_stages=NUM_STAGES):
         offs = blk * BLOCK + cols
-        mask = offs < vocab
-        xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)
-        xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
-        log_ps = (xs - shift_s) * inv_temp - log_zs
-        log_pt = (xt - shift_t) * inv_temp_t - log_zt
-        p_s = tl.exp(log_ps)
-        p_t = tl.exp(log_pt)
-        if DIVERGENCE == JSD_CODE:
-            teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split,
-                                                            TEACHER_IS_A)
-            # 0 * log 0 = 0: entries without mass add nothing (both sides -inf: NaN ratios).
-            acc_kl_t += tl.where(p_t > 0, p_t * teacher_vs_mix, 0.0)
-            acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
-        else:
-            acc_kl_t += tl.abs(p_t - p_s)
-            acc_kl_s += p_s * tvd_slope(p_s, p_t)
+        acc_kl_t, acc_kl_s = mixture_block(s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, shift_s, shift_t,
+                                           log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
+                                           w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE, TEACHER_IS_A, CAP_S,
+                                           CAP_T, False)
+    if n_full * BLOCK < vocab:
+        offs = n_full * BLOCK + cols
+        acc_kl_t, acc_kl_s = mixture_block(s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, shift_s, shift_t,
+                                           log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
+                                           w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE, TEACHER_IS_A, CAP_S,
+                                           CAP_T, True)
     if DIVERGENCE == JSD_CODE:
         kl_student_mix = -tl.sum(acc_kl_s, axis=0)
         return -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix, kl_student_mix, 0.0
@@ -174,39 +209,63 @@ def mixture_terms(s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_tem
 
 
 @triton.jit
+def gradient_block(s_row, t_row, g_row, offs, mask, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
+                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd, coef_ce,
+                   nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
+                   DIVERGENCE: tl.constexpr, HARD: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr,
+                   CAP_T: tl.constexpr, MASKED: tl.constexpr):
+    """One block of sweep 3 (see write_gradient), stored: the row's last read, and a gradient no later
+    sweep reads (streaming stores, as the CUDA kernel's)."""
+    xs, slope = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S, MASKED, True)  # slope: dz/dx
+    xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T, MASKED, True)
+    log_ps = (xs - shift_s) * inv_temp - log_zs
+    log_pt = (xt - shift_t) * inv_temp_t - log_zt
+    p_s = tl.exp(log_ps)
+    if DIVERGENCE == FORWARD_KL_CODE:
+        d = p_s - tl.exp(log_pt)
+    elif DIVERGENCE == REVERSE_KL_CODE:
+        d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
+    elif DIVERGENCE == TVD_CODE:
+        # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
+        d = p_s * (tvd_slope(p_s, tl.exp(log_pt)) - mean_slope)
+    else:
+        _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split, TEACHER_IS_A)
+        # log p_s - log m = -student_vs_mix
+        d = w_student * tl.where(p_s > 0, p_s * (-student_vs_mix - kl_student_mix), 0.0)
+    g = coef_kd * d + nan_if_bad_label
+    if HARD:
+        p1 = tl.exp(xs - shift_s - log_z1)  # softmax(z) at T = 1
+        g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
+    g = (g * slope).to(g_row.dtype.element_ty)
+    if MASKED:
+        tl.store(g_row + offs, g, mask=mask, cache_modifier=".cs")
+    else:
+        tl.store(g_row + offs, g, cache_modifier=".cs")
+
+
+@triton.jit
 def write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
                    inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd, coef_ce,
                    nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
                    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr,
-                   CAP_T: tl.constexpr, BLOCK: tl.constexpr):
+                   CAP_T: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Sweep 3: coef_kd * d(kd)/d(s / T) + coef_ce * d(ce)/ds, times dz/dx of the student's transforms,
-    in the gradient's dtype; the last-read blocks first (most likely still in L2)."""
+    in the gradient's dtype; the last-read blocks first (most likely still in L2): the partial one, then
+    the full ones backwards."""
     cols = tl.arange(0, BLOCK)
-    n_blocks = tl.cdiv(vocab, BLOCK)
-    for i in range(0, n_blocks):
-        offs = (n_blocks - 1 - i) * BLOCK + cols
-        mask = offs < vocab
-        xs, slope = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S)  # slope: dz/dx
-        xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T)
-        log_ps = (xs - shift_s) * inv_temp - log_zs
-        log_pt = (xt - shift_t) * inv_temp_t - log_zt
-        p_s = tl.exp(log_ps)
-        if DIVERGENCE == FORWARD_KL_CODE:
-            d = p_s - tl.exp(log_pt)
-        elif DIVERGENCE == REVERSE_KL_CODE:
-            d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
-        elif DIVERGENCE == TVD_CODE:
-            # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
-            d = p_s * (tvd_slope(p_s, tl.exp(log_pt)) - mean_slope)
-        else:
-            _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split, TEACHER_IS_A)
-            # log p_s - log m = -student_vs_mix
-            d = w_student * tl.where(p_s > 0, p_s * (-student_vs_mix - kl_student_mix), 0.0)
-        g = coef_kd * d + nan_if_bad_label
-        if HARD:
-            p1 = tl.exp(xs - shift_s - log_z1)  # softmax(z) at T = 1
-            g += coef_ce * (p1 - tl.where(offs == label, 1.0, 0.0))
-        tl.store(g_row + offs, (g * slope).to(g_row.dtype.element_ty), mask=mask)
+    n_full = vocab // BLOCK
+    if n_full * BLOCK < vocab:
+        offs = n_full * BLOCK + cols
+        gradient_block(s_row, t_row, g_row, offs, offs < vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1,
+                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope,
+                       coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
+                       DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, True)
+    for i in tl.range(0, n_full, num_stages=NUM_STAGES):
+        offs = (n_full - 1 - i) * BLOCK + cols
+        gradient_block(s_row, t_row, g_row, offs, offs < vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1,
+                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope,
+                       coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
+                       DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, False)
 
 
 @triton.jit
@@ -218,6 +277,7 @@ def _kd_rows_kernel(
     s_scale, s_cap, t_scale, t_cap,  # the logit transforms of each side (CAP_S, CAP_T: caps on)
     DIVERGENCE: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK: tl.constexpr,
+    NUM_STAGES: tl.constexpr,  # the sweeps' software pipelining (tl.range), None: the compiler's choice
 ):
     row = tl.program_id(0).to(tl.int64)
     batch, pos = row // rows_per_batch, row % rows_per_batch
@@ -229,7 +289,8 @@ def _kd_rows_kernel(
         store_ignored_row(kd_out_ptr, ce_out_ptr, row, g_row, vocab, WRITE_GRAD, BLOCK)
     else:
         shift_s, shift_t, z_s, z_t, w, z1 = online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap,
-                                                           t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, BLOCK)
+                                                           t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, BLOCK,
+                                                           NUM_STAGES)
         # A side that saw only -inf has no softmax: NaN, like torch.
         nan_if_unseen = tl.where((shift_s > float("-inf")) & (shift_t > float("-inf")), 0.0, float("nan"))
         log_zs = tl.log(z_s) + nan_if_unseen
@@ -244,7 +305,7 @@ def _kd_rows_kernel(
             kd, kl_student_mix, mean_slope = mixture_terms(
                 s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap,
                 t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student, DIVERGENCE,
-                TEACHER_IS_A, CAP_S, CAP_T, BLOCK)
+                TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
 
         # Labels decide which rows count even without the hard term; on a GPU they are not
         # checked on the host (that would sync), so a label out of range makes its row NaN.
@@ -268,7 +329,7 @@ def _kd_rows_kernel(
             write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
                            inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd,
                            tl.load(coefs_ptr + 1), nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
-                           w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, BLOCK)
+                           w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
 
 
 @triton.jit
@@ -284,22 +345,29 @@ def _scale_rows_kernel(g_ptr, scale_ptr, rows_per_batch, stride_b, stride_m, voc
         tl.store(g_row + offs, (g * scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_config(vocab: int) -> tuple[int, int]:
-    """(BLOCK, num_warps): 8 entries per thread (one 16-byte load of bf16 logits), at most 4096 per block.
+class LaunchConfig(NamedTuple):
+    block: int  # logits per block of a sweep
+    num_warps: int
+    num_stages: Optional[int] = None  # the sweeps' tl.range pipelining; None: the compiler's default
 
-    With 4096 x 16 warps the kernel takes 82 registers: one program per SM, which keeps the
-    rows in flight (whose second sweep should hit L2) few. Untuned: see benchmarks/NOTES.md.
+
+def launch_config(vocab: int) -> LaunchConfig:
+    """8 entries per thread (one 16-byte load of bf16 logits), at most 4096 per block.
+
+    With 4096 x 16 warps the kernel takes 80 registers: one program per SM, which keeps the
+    rows in flight (whose second sweep should hit L2) few. Untuned: the device run times a grid of
+    the alternatives (benchmarks/triton_grid.py), from which the first GPU session picks.
     """
     block = min(4096, triton.next_power_of_2(vocab))
-    return block, max(1, min(16, block // 256))
+    return LaunchConfig(block, max(1, min(16, block // 256)))
 
 
-def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
+def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams, config: Optional[LaunchConfig] = None):
     n_batch, rows_per_batch, vocab = student.shape
     n_rows = n_batch * rows_per_batch
     kd_rows = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     ce_rows = torch.empty_like(kd_rows)
-    block, num_warps = _launch_config(vocab)
+    config = config or launch_config(vocab)
     g = grad if grad is not None else student  # not written when WRITE_GRAD is False
     # Formed in double here: the kernel never rounds beta before taking 1 - beta.
     jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
@@ -313,7 +381,8 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
             params.student_scale, params.student_cap, params.teacher_scale, params.teacher_cap,
             DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None,
             WRITE_GRAD=grad is not None, TEACHER_IS_A=jsd.teacher_is_a, CAP_S=params.student_cap > 0,
-            CAP_T=params.teacher_cap > 0, BLOCK=block, num_warps=num_warps,
+            CAP_T=params.teacher_cap > 0, BLOCK=config.block, NUM_STAGES=config.num_stages,
+            num_warps=config.num_warps,
         )
     return kd_rows, ce_rows
 

@@ -44,25 +44,36 @@ else:
 
 
 @triton.jit
-def load_logits(row_ptr, offs, mask, scale, cap, CAP: tl.constexpr):
+def load_logits(row_ptr, offs, mask, scale, cap, CAP: tl.constexpr, MASKED: tl.constexpr = True,
+                LAST_READ: tl.constexpr = False):
     """(z, dz/dx) of the fp32 logits x at offs, through the logit transforms: z = scale x, then
-    cap tanh(z / cap) when CAP; z = -inf past the row's end (mask false), where nothing is read."""
-    x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    cap tanh(z / cap) when CAP; z = -inf where mask is false, where nothing is read. Without MASKED
+    the mask is not applied (a block inside the row: a uniform access, which can be 16 bytes wide
+    whatever V is). LAST_READ: the row's last sweep, whose lines L2 may evict first."""
+    eviction: tl.constexpr = "evict_first" if LAST_READ else ""
+    if MASKED:
+        x = tl.load(row_ptr + offs, mask=mask, other=0.0, eviction_policy=eviction).to(tl.float32)
+    else:
+        x = tl.load(row_ptr + offs, eviction_policy=eviction).to(tl.float32)
     z, slope = transform_logits(x, scale, cap, CAP)
-    return tl.where(mask, z, float("-inf")), slope
+    if MASKED:
+        z = tl.where(mask, z, float("-inf"))
+    return z, slope
 
 
 @triton.jit
 def transform_logits(x, scale, cap, CAP: tl.constexpr):
     """(z, dz/dx) of the logit transforms at x (scale 1 multiplies exactly: without them z is x).
     Without a cap dz/dx is the scalar scale (a product with x would make it NaN at x = -inf)."""
-    y = x * scale
-    if CAP:
-        u = y / cap
+    z = x * scale
+    slope = scale
+    if CAP:  # (one return statement: the compiler types every return, even in a branch not taken)
+        u = z / cap
         # 1 - tanh^2(u) as 4 e / (1 + e)^2, e = exp(-2|u|): 1 - t * t would cancel where the cap saturates.
         e = tl.exp(-2.0 * tl.abs(u))
-        return cap * tanh_f32(u), scale * (4.0 * e / ((1.0 + e) * (1.0 + e)))
-    return y, scale
+        z = cap * tanh_f32(u)
+        slope = scale * (4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return z, slope
 
 
 @triton.jit

@@ -22,7 +22,7 @@ import triton.language as tl
 from . import FORWARD_KL, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, SparseKernelParams, on_device_of
 from .triton_math import _expm1, _log1p, load_logits, row_label, store_ignored_row, transform_logits
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a jit function reads only constexpr globals
 
 
 @triton.jit
