@@ -1,11 +1,13 @@
 """Checkpoints that survive a kill at any moment.
 
 A checkpoint is a directory ``step-NNNNNNNN`` holding ``state.pt`` and ``manifest.json``
-(the size and SHA-256 of state.pt). It is written under a temporary name, the manifest
-last, flushed to disk, then renamed into place, so a reader sees a whole checkpoint or
-none. One whose manifest is missing or does not match (a disk error, a copy cut short, a
-hand edit) is set aside as ``NAME.corrupt`` with a warning and the one before it is used:
-nothing is deleted but checkpoints older than the last ``keep_last``.
+(the size and SHA-256 of every other file in it: a sharded run adds those that
+torch.distributed.checkpoint writes, each process's shards). It is written under a
+temporary name (begin_checkpoint), the manifest last, flushed to disk, then renamed into
+place (finish_checkpoint), so a reader sees a whole checkpoint or none. One whose manifest
+is missing or does not match (a disk error, a copy cut short, a hand edit) is set aside as
+``NAME.corrupt`` with a warning and the one before it is used: nothing is deleted but
+checkpoints older than the last ``keep_last``.
 """
 
 from __future__ import annotations
@@ -51,19 +53,30 @@ def checkpoints(directory: Union[str, Path]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(directory: Union[str, Path], step: int, state: dict, keep_last: int = 3) -> Path:
-    """Writes state as checkpoint ``step`` atomically, then removes all but the last keep_last."""
+def begin_checkpoint(directory: Union[str, Path], step: int) -> Path:
+    """The empty temporary directory that checkpoint ``step`` is written into before finish_checkpoint
+    publishes it; temporary directories left by a writer that was killed are removed first."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob(".tmp-step-*"):  # left by a writer that was killed
+    for stale in directory.glob(".tmp-step-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = directory / f"step-{step:08d}"
-    tmp = directory / f".tmp-{final.name}"
+    tmp = directory / f".tmp-step-{step:08d}"
     tmp.mkdir()
-    torch.save(state, tmp / STATE)
-    _fsync(tmp / STATE)
+    return tmp
+
+
+def finish_checkpoint(tmp: Path, step: int, keep_last: int = 3) -> Path:
+    """Publishes the checkpoint written into ``tmp`` (begin_checkpoint's): a manifest of the size and SHA-256 of
+    every file in it, written last and flushed to disk with them, then the rename into place; then removes all
+    but the last keep_last checkpoints."""
+    tmp = Path(tmp)
+    directory, final = tmp.parent, tmp.parent / f"step-{step:08d}"
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    for file in files:
+        _fsync(file)
     manifest = {"format": 1, "step": step,
-                "files": {STATE: {"bytes": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)}}}
+                "files": {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                          for f in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     _fsync(tmp / MANIFEST)
     _fsync(tmp)
@@ -74,6 +87,13 @@ def save_checkpoint(directory: Union[str, Path], step: int, state: dict, keep_la
     for old in checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def save_checkpoint(directory: Union[str, Path], step: int, state: dict, keep_last: int = 3) -> Path:
+    """Writes state as checkpoint ``step`` atomically, then removes all but the last keep_last."""
+    tmp = begin_checkpoint(directory, step)
+    torch.save(state, tmp / STATE)
+    return finish_checkpoint(tmp, step, keep_last)
 
 
 def verify_checkpoint(path: Union[str, Path]) -> Optional[str]:

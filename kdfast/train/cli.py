@@ -47,7 +47,8 @@ it runs in, numbers such as 1e-3 are numbers):
 
 The trained student is written to OUT_DIR/student.safetensors (or OUT_DIR/student/ for a
 Hugging Face model). Run it again to resume after an interruption; under torchrun
-(torchrun --nproc_per_node N -m kdfast distill ...) it trains data-parallel.
+(torchrun --nproc_per_node N -m kdfast distill ...) it trains data-parallel, each process
+holding whole models (train.parallel: ddp, the default) or shards of them (train.parallel: fsdp).
 """
 
 
@@ -145,12 +146,13 @@ def distill(config: dict) -> dict:
     student = build_model(section(config, "student", required=True), "student", vocab)
     trainer = DistillTrainer(student, train, train_cfg, teacher=teacher, eval_data=held_out, loss_options=loss_options)
     summary = trainer.train()
+    state = trainer.student_state_dict()  # whole on rank 0, gathered by every process from a sharded student
     if trainer.rank == 0:
         out = Path(train_cfg.out_dir)
         if hasattr(student, "save_pretrained"):
-            student.save_pretrained(out / "student")
+            student.save_pretrained(out / "student", state_dict=state)
         else:
-            save_weights(student, out / "student.safetensors")
+            save_weights(student, out / "student.safetensors", state)
         print(json.dumps(summary, indent=1))
     return summary
 

@@ -190,8 +190,15 @@ def build_model(spec: dict, where: str, vocab_size: Optional[int] = None) -> nn.
     return model
 
 
-def save_weights(model: nn.Module, path: Union[str, Path]) -> None:
-    require("safetensors.torch", "demo", "saving model weights").save_model(model, str(path))
+def save_weights(model: nn.Module, path: Union[str, Path], state_dict: Optional[dict] = None) -> None:
+    """model's weights (or state_dict, e.g. a sharded model's gathered one) as a safetensors file, tied weights
+    once, as safetensors.torch.save_model writes them."""
+    class Weights(nn.Module):
+        def state_dict(self, *args, **kwargs) -> dict:
+            return dict(state_dict)
+
+    require("safetensors.torch", "demo", "saving model weights").save_model(
+        model if state_dict is None else Weights(), str(path))
 
 
 def load_weights(model: nn.Module, path: Union[str, Path]) -> None:

@@ -1,14 +1,13 @@
 """A small training loop for a student LM distilled from a frozen teacher (or trained alone).
 
-One process or many: under ``torchrun`` the same code runs data-parallel (DDP), each
-process reading its share of every global batch (kdfast.train.data). Checkpoints hold all
-that the next step depends on (weights, optimizer, schedule, RNG states, step: the data
-position follows from the step), so a run killed at any moment and started again with
-the same command ends with the same weights as one never interrupted.
-
-Models too large to replicate on each GPU need FSDP, which this loop does not do: use
-:class:`kdfast.integrations.hf.KDTrainer` with the Hugging Face Trainer's FSDP support
-(see the README's Trainer section).
+One process or many: under ``torchrun`` the same code runs data-parallel, each process
+reading its share of every global batch (kdfast.train.data), with the models replicated
+(DDP, ``parallel="ddp"``) or sharded (FSDP2, ``parallel="fsdp"``: the student and the
+teacher, per transformer block and then the root). Checkpoints hold all that the next step
+depends on (weights, optimizer, schedule, RNG states, step: the data position follows from
+the step), so a run killed at any moment and started again with the same command ends with
+the same weights as one never interrupted; a sharded run writes its weights and optimizer
+with torch.distributed.checkpoint, each process its shards.
 """
 
 from __future__ import annotations
@@ -33,7 +32,8 @@ from torch import nn
 from kdfast import LossOptions
 from kdfast.options import check_positive_int
 
-from .checkpoint import checkpoints, ensure_writable_dir, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (STATE, begin_checkpoint, checkpoints, ensure_writable_dir, finish_checkpoint,
+                         latest_checkpoint, load_checkpoint, save_checkpoint)
 from .data import TokenWindows
 from .lm import (LMDistillLoss, check_loss_path, choose_loss_path, choose_sparse_loss_path, evaluate_models,
                  is_sharded)
@@ -42,6 +42,7 @@ from .teacher_cache import TeacherCache
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of each precision setting
 TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PARALLEL = ("ddp", "fsdp")  # how several processes hold the models: replicated, or sharded with FSDP2
 
 
 @dataclass
@@ -59,6 +60,7 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": the models run under bf16 autocast
     teacher_dtype: str = "fp32"  # what the frozen teacher's floating-point weights are cast to ("bf16" halves them)
     loss_path: str = "auto"  # "auto", "fused_linear" or "logits" (kdfast.train.lm)
+    parallel: str = "ddp"  # with several processes: "ddp" replicates the models, "fsdp" shards them (FSDP2)
     seed: int = 0  # the loop's random state (dropout); data order and initial weights are the caller's
     device: str = "auto"  # "auto": this process's GPU when there is one, else the CPU
     eval_every: int = 0  # steps between evaluations (0: only at the end)
@@ -82,7 +84,7 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("lr must be > 0, min_lr_ratio in [0, 1], weight_decay and grad_clip >= 0; got "
                              f"{self.lr}, {self.min_lr_ratio}, {self.weight_decay}, {self.grad_clip}")
-        for name, choices in (("precision", PRECISIONS), ("teacher_dtype", TEACHER_DTYPES)):
+        for name, choices in (("precision", PRECISIONS), ("teacher_dtype", TEACHER_DTYPES), ("parallel", PARALLEL)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         check_loss_path(self.loss_path)
@@ -90,8 +92,15 @@ class TrainConfig:
     def run_settings(self) -> dict:
         """The settings a checkpoint must share with the run that resumes it: those that change the weights."""
         cosmetic = {"out_dir", "device", "eval_every", "eval_windows", "eval_batch_size", "log_every",
-                    "checkpoint_every", "keep_last", "resume", "progress", "tensorboard"}
+                    "checkpoint_every", "keep_last", "resume", "progress", "tensorboard",
+                    "parallel"}  # the trainer's run settings say whether the checkpoint is sharded
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in cosmetic}
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -135,6 +144,12 @@ class DistillTrainer:
     an optimizer step is the mean over the counted targets of all its micro-batches and processes, so that
     gradient accumulation and DDP give the gradient of the one big batch; reduction="sum" averages the
     micro-batches' sums.
+
+    With several processes and ``config.parallel == "fsdp"`` both models are sharded with FSDP2's fully_shard
+    (each transformer block: a GPT's ``blocks``, a Hugging Face model's ``_no_split_modules`` classes; then the
+    root), with bf16 mixed precision under ``precision="bf16"``; the loss path is then "logits" (the output
+    embedding is whole only inside the forward). Pass models that are not sharded yet, the same weights on
+    every process (rank 0's are broadcast first, as DDP does).
     """
 
     def __init__(self, student: nn.Module, train_data: TokenWindows, config: TrainConfig,
@@ -142,11 +157,12 @@ class DistillTrainer:
                  loss_options: Optional[LossOptions] = None):
         for role, model in (("student", student), ("teacher", teacher)):
             if isinstance(model, nn.Module) and is_sharded(model):
-                raise ValueError(f"the {role} is sharded with FSDP, which DistillTrainer does not do (it replicates "
-                                 "models with DDP): use kdfast.integrations.hf.KDTrainer with FSDP for such models")
+                raise ValueError(f"the {role} is already sharded with FSDP: pass the whole model, DistillTrainer "
+                                 "shards it itself with parallel='fsdp' (or use kdfast.integrations.hf.KDTrainer)")
         self.cfg = config
         self.rank, self.world, local_rank = init_distributed()
         self.device = resolve_device(config.device, local_rank)
+        self.sharded = config.parallel == "fsdp" and self.world > 1
         torch.manual_seed(config.seed + self.rank)  # dropout; a resumed run restores the states it saved
         random.seed(config.seed + self.rank)
         self.out_dir = Path(config.out_dir)
@@ -155,6 +171,8 @@ class DistillTrainer:
         loss_options = loss_options or LossOptions()
         self.train_data, self.eval_data, self.loss_options = train_data, eval_data, loss_options
         self.student = student.to(self.device)
+        if self.sharded:
+            self._shard(self.student, root_reshards=False)
         self.teacher, self.cache = None, None
         if isinstance(teacher, TeacherCache):
             teacher.check(windows=train_data, temperature=loss_options.temperature)
@@ -163,6 +181,8 @@ class DistillTrainer:
         elif teacher is not None:
             teacher = teacher.to(self.device, dtype=TEACHER_DTYPES[config.teacher_dtype])
             self.teacher = teacher.eval().requires_grad_(False)
+            if self.sharded:  # forward only: every module, the root too, reshards after its forward
+                self._shard(self.teacher, root_reshards=True)
             path = choose_loss_path(self.student, self.teacher, loss_options, config.loss_path)
         else:
             path = "logits"
@@ -179,7 +199,14 @@ class DistillTrainer:
                                           PRECISIONS[config.precision],
                                           self.cache.tail if self.cache is not None else "bucket")
         self.model = self.student
-        if self.world > 1:
+        if self.sharded:
+            # The probe's no-grad forward left the root's parameters whole (FSDP reshards the root after the
+            # backward, and there was none): the optimizer must hold the shards, all of them.
+            self._reshard()
+            whole = [name for name, p in self.student.named_parameters() if not _is_dtensor(p)]
+            if whole:
+                raise RuntimeError(f"FSDP left parameters of the student unsharded: {', '.join(whole)}")
+        elif self.world > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.student, device_ids=device_ids)
         decay = [p for p in self.student.parameters() if p.requires_grad and p.dim() >= 2]
@@ -195,6 +222,69 @@ class DistillTrainer:
         self.run_settings = {"train": config.run_settings(), "loss": asdict(loss_options), "world_size": self.world,
                              "teacher": self.cache.identity() if self.cache is not None else teacher is not None,
                              "loss_path": path}
+        if self.sharded:  # its checkpoints are torch.distributed.checkpoint's, those of DDP are not
+            self.run_settings["sharded"] = True
+
+    # --- sharding (parallel="fsdp") ---
+
+    def _shard(self, model: nn.Module, root_reshards: bool) -> None:
+        """fully_shard on each transformer block, then on the root, from rank 0's weights. root_reshards: the
+        root's parameters are resharded after its forward too (FSDP's default keeps them for the backward)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        dtype = PRECISIONS[self.cfg.precision]
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+        names = set(getattr(model, "_no_split_modules", None) or ())
+        blocks = ([m for m in model.modules() if type(m).__name__ in names] if names
+                  else list(getattr(model, "blocks", None) or ()))
+        for block in blocks:
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if root_reshards else None)
+
+    def _reshard(self) -> None:
+        """Reshards what a no-grad forward (the start-up probe, evaluation) left whole."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for model in (self.student, self.teacher):
+            for module in model.modules() if model is not None else ():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
+
+    def student_state_dict(self) -> Optional[dict]:
+        """The student's whole state dict on rank 0, None on the others; every process must call it (under FSDP
+        the shards are gathered, to the CPU). Tied weights stay one tensor, as in student.state_dict()."""
+        if not self.sharded:
+            return self.student.state_dict() if self.rank == 0 else None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        names = {}
+        for name, param in self.student.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        for first, *aliases in names.values():
+            for alias in aliases:
+                state[alias] = state[first]
+        return state
+
+    def state_bytes(self) -> dict:
+        """This process's bytes of the student's parameters, of the optimizer's state and of the teacher's
+        parameters (their shards under FSDP)."""
+        def size(tensors) -> int:
+            local = [t.to_local() if _is_dtensor(t) else t for t in tensors]
+            return sum(t.numel() * t.element_size() for t in local)
+
+        optimizer = [v for state in self.optimizer.state.values() for v in state.values()
+                     if isinstance(v, torch.Tensor) and v.dim() > 0]
+        return {"parameter_bytes": size(self.student.parameters()), "optimizer_state_bytes": size(optimizer),
+                "teacher_parameter_bytes": size(self.teacher.parameters()) if self.teacher is not None else 0}
 
     @property
     def tokens_per_step(self) -> int:
@@ -217,12 +307,35 @@ class DistillTrainer:
 
     def save(self) -> None:
         rng = self._rng_states()  # a collective: every rank takes part
-        if self.rank == 0:
-            state = {"step": self.step, "train_seconds": self.train_seconds, "run": self.run_settings,
-                     "model": self.student.state_dict(), "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "rng": rng}
+        state = {"step": self.step, "train_seconds": self.train_seconds, "run": self.run_settings,
+                 "scheduler": self.scheduler.state_dict(), "rng": rng}
+        if self.sharded:
+            self._save_sharded(state)
+        elif self.rank == 0:
+            state.update(model=self.student.state_dict(), optimizer=self.optimizer.state_dict())
             save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.keep_last)
         self.saved_step = self.step
+
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.student, self.optimizer)
+        return {"model": model, "optimizer": optimizer}
+
+    def _save_sharded(self, state: dict) -> None:
+        """The checkpoint of a sharded run: each process writes its shards of the weights and the optimizer's
+        state with torch.distributed.checkpoint into the temporary directory, rank 0 the rest (state.pt); once
+        all have written, rank 0 publishes it as checkpoint.save_checkpoint does (manifest, then rename)."""
+        from torch.distributed import checkpoint as dcp
+
+        tmp = self._broadcast(begin_checkpoint(self.checkpoint_dir, self.step) if self.rank == 0 else None)
+        dcp.save(self._sharded_state(), checkpoint_id=str(tmp))
+        if self.rank == 0:
+            torch.save(state, tmp / STATE)
+        dist.barrier()
+        if self.rank == 0:
+            finish_checkpoint(tmp, self.step, self.cfg.keep_last)
+        dist.barrier()  # the checkpoint is in place on every process's return
 
     def _broadcast(self, value):
         if self.world == 1:
@@ -246,8 +359,17 @@ class DistillTrainer:
             changed = "".join(f"\n  {line}" for line in setting_differences(state["run"], self.run_settings))
             raise ValueError(f"checkpoint {path} was written with other settings (then -> now):{changed}\n"
                              f"run with the same settings to resume it, or choose another out_dir")
-        self.student.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:
+            from torch.distributed import checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import set_state_dict
+
+            sharded = self._sharded_state()
+            dcp.load(sharded, checkpoint_id=str(path))
+            set_state_dict(self.student, self.optimizer, model_state_dict=sharded["model"],
+                           optim_state_dict=sharded["optimizer"])
+        else:
+            self.student.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = self.saved_step = state["step"]
         self.train_seconds = state["train_seconds"]
@@ -281,8 +403,9 @@ class DistillTrainer:
                 sparse = dict(zip(("teacher_ids", "teacher_logprobs"),
                                   (x.to(self.device) for x in self.cache.lookup(windows))))
             last = micro == cfg.grad_accum - 1
-            # DDP averages gradients across processes only on the last micro-step
-            sync = nullcontext() if last or self.world == 1 else self.model.no_sync()
+            # DDP averages gradients across processes only on the last micro-step. FSDP reduce-scatters them on
+            # every one: skipping that would keep the whole gradient on each process until the last.
+            sync = nullcontext() if last or self.world == 1 or self.sharded else self.model.no_sync()
             with sync:
                 parts = self.distill_loss(self.model, self.teacher, inputs, targets, num_items_in_batch=num_items,
                                           **sparse)
@@ -296,7 +419,8 @@ class DistillTrainer:
             parts_sum += contribution
         grad_norm = None
         if cfg.grad_clip > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip))
+            norm = nn.utils.clip_grad_norm_(self.student.parameters(), cfg.grad_clip)
+            grad_norm = float(norm.full_tensor() if _is_dtensor(norm) else norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -313,14 +437,31 @@ class DistillTrainer:
         """Held-out metrics of the student, with the teacher's loss and their top-1 agreement when distilling."""
         if self.eval_data is None or not self.cfg.eval_windows:
             return {}
-        batches = ((x.to(self.device), y.to(self.device)) for x, y in
-                   self.eval_data.spread(self.cfg.eval_windows, self.cfg.eval_batch_size, self.rank, self.world))
+        batches = ((x.to(self.device), y.to(self.device)) for x, y in self._eval_batches())
         results = evaluate_models({"student": self.student}, self.teacher, batches, self.loss_options,
                                   PRECISIONS[self.cfg.precision], dist.all_reduce if self.world > 1 else None)
+        if self.sharded:
+            self._reshard()
         metrics = results["student"]
         if "teacher" in results:
             metrics.update(teacher_loss=results["teacher"]["loss"], teacher_ppl=results["teacher"]["ppl"])
         return metrics
+
+    def _eval_batches(self):
+        """This process's held-out batches. Sharded models forward in step on every process (each forward
+        gathers parameters from all): a process with fewer batches then adds batches with no counted targets,
+        which add nothing to the metrics."""
+        cfg, data = self.cfg, self.eval_data
+        yield from data.spread(cfg.eval_windows, cfg.eval_batch_size, self.rank, self.world)
+        if self.sharded:
+            count = min(cfg.eval_windows, data.n_windows)
+
+            def batches(rank: int) -> int:
+                return -(-len(range(rank, count, self.world)) // cfg.eval_batch_size)
+
+            for _ in range(batches(0) - batches(self.rank)):  # rank 0 has the most
+                inputs, targets = data.rows(torch.zeros(1, dtype=torch.long))
+                yield inputs, torch.full_like(targets, self.loss_options.ignore_index)
 
     def train(self) -> dict:
         """Runs (or resumes) training to cfg.steps; returns the run's summary, also written to summary.json."""
@@ -366,7 +507,8 @@ class DistillTrainer:
         final = self.evaluate()
         summary = {"steps": self.step, "tokens": self.step * self.tokens_per_step, "train_seconds": self.train_seconds,
                    "tokens_per_s": self.step * self.tokens_per_step / max(self.train_seconds, 1e-9),
-                   "world_size": self.world, "loss_path": self.distill_loss.path, "eval": final, **peak_memory(self.device)}
+                   "world_size": self.world, "parallel": self.cfg.parallel if self.world > 1 else None,
+                   "loss_path": self.distill_loss.path, "eval": final, **self.state_bytes(), **peak_memory(self.device)}
         if log is not None:
             if final:
                 log.write(self.step, "eval", final)
