@@ -161,9 +161,9 @@ def liger_fused_jsd(sh, sw, th, tw, temperature, divergence):
 # --- what can run where ---------------------------------------------------------------------------
 
 def _kdfast_logits(backend: str, inplace: bool) -> Callable:
-    def loss(student, teacher, temperature, divergence):
+    def loss(student, teacher, temperature, divergence, **options):  # options: a variant's (problems.VARIANTS)
         return kdfast.kd_loss(student, teacher, temperature=temperature, divergence=divergence, beta=JSD_BETA,
-                              backend=backend, inplace_backward=inplace)
+                              backend=backend, inplace_backward=inplace, **options)
     return loss
 
 

@@ -11,6 +11,8 @@ kept in float32, which is ~1e-7 relative away from float64, far below every tole
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -67,22 +69,65 @@ class _StudentLogitsProblem:
         return self.student.nbytes
 
 
+class Variant(NamedTuple):
+    """A way training calls the logits loss, beside plain contiguous logits and loss.backward()."""
+
+    name: str
+    pad: int = 0  # columns beyond V: the loss compares vocab_size = V of V + pad (a padded vocabulary)
+    strided: bool = False  # logits[:, :-1] of (8, N / 8 + 1, V): the rows are not one contiguous block
+    ignored: float = 0.0  # > 0: labels with this fraction ignored, and hard_weight = soft_weight = 0.5
+    grad_output: float = 1.0  # what backward receives, e.g. 1 / grad_accum
+    folded: bool = False  # expected_grad_output = grad_output: folded into the kernel, no pass in backward
+
+
+VARIANTS = {v.name: v for v in (Variant("plain"), Variant("vocab_slice", pad=293), Variant("strided", strided=True),
+                                Variant("hard", ignored=0.25), Variant("grad_half", grad_output=0.5),
+                                Variant("grad_half_folded", grad_output=0.5, folded=True))}
+
+
 class LogitsProblem(_StudentLogitsProblem):
     """kd_loss(student_logits, teacher_logits): logits of spread 3 with the teacher a perturbed
-    student (as in the tests), N x V each, in ``dtype``; the student is the one trainable input."""
+    student (as in the tests), N x V each, in ``dtype``; the student is the one trainable input.
+    A variant other than "plain" lays them out, or calls the loss, as VARIANTS says."""
 
     kind = "logits"
 
-    def __init__(self, n: int, v: int, dtype: str, device: str, seed: int = 0):
-        self.n, self.v, self.dtype = n, v, dtype
+    def __init__(self, n: int, v: int, dtype: str, device: str, seed: int = 0, variant: str = "plain"):
+        self.n, self.v, self.dtype, self.variant = n, v, dtype, VARIANTS[variant]
         gen = torch.Generator(device=device).manual_seed(seed)
-        student = _randn(gen, (n, v), device) * 3.0
-        teacher = (student + _randn(gen, (n, v), device) * 2.1).to(DTYPES[dtype])
+        shape = (8, n // 8 + 1, v) if self.variant.strided else (n, v + self.variant.pad)
+        student = _randn(gen, shape, device) * 3.0
+        teacher = (student + _randn(gen, shape, device) * 2.1).to(DTYPES[dtype])
         self.student, self.teacher = student.to(DTYPES[dtype]), teacher
+        if self.variant.strided:
+            assert n % 8 == 0, "a strided variant takes N = 8 x positions"
+            self.student, self.teacher = self.student[:, :-1], self.teacher[:, :-1]
+        self.labels = None
+        if self.variant.ignored:
+            self.labels = torch.randint(0, v, self.student.shape[:-1], generator=gen, device=device)
+            ignored = torch.rand(self.labels.shape, generator=gen, device=device) < self.variant.ignored
+            self.labels[ignored] = -100
 
     @property
     def key(self) -> dict:
-        return {"problem": self.kind, "n": self.n, "v": self.v, "dtype": self.dtype}
+        key = {"problem": self.kind, "n": self.n, "v": self.v, "dtype": self.dtype}
+        return key if self.variant.name == "plain" else {**key, "variant": self.variant.name}
+
+    @property
+    def options(self) -> dict:
+        """The loss options the variant adds (kdfast's keywords; peers take none)."""
+        options = {}
+        if self.variant.pad:
+            options["vocab_size"] = self.v
+        if self.labels is not None:
+            options.update(labels=self.labels, hard_weight=0.5, soft_weight=0.5)
+        if self.variant.folded:
+            options["expected_grad_output"] = self.variant.grad_output
+        return options
+
+    @property
+    def grad_output(self) -> float:
+        return self.variant.grad_output
 
     def arguments(self, requires_grad: bool, fresh: bool) -> tuple[tuple[Tensor, ...], list[Tensor]]:
         """(the loss function's tensor arguments, the ones that get a gradient)."""
@@ -90,21 +135,29 @@ class LogitsProblem(_StudentLogitsProblem):
         return (student, self.teacher), leaves
 
     def traffic_bytes(self, mode: str) -> int:
-        """The memory traffic floor: read S and T, and write dS when there is a backward."""
-        return self.student.nbytes + self.teacher.nbytes + (self.student.nbytes if mode == "fwd+bwd" else 0)
+        """The memory traffic floor: read the V compared entries of S and T, and write dS when there is a backward."""
+        compared = self.n * self.v * self.student.element_size()
+        return 2 * compared + (compared if mode == "fwd+bwd" else 0)
 
     def reference(self, temperature: float, divergence: str, beta: float) -> tuple[float, list[Tensor]]:
-        """The float64 batchmean loss and its gradient w.r.t. the student (stored as float32)."""
-        grad = torch.empty(self.n, self.v, dtype=torch.float32, device=self.student.device)
+        """The float64 loss and its gradient w.r.t. the student (stored as float32), times grad_output."""
+        student = self.student.reshape(self.n, -1)[:, :self.v]
+        teacher = self.teacher.reshape(self.n, -1)[:, :self.v]
+        labels = None if self.labels is None else self.labels.reshape(-1)
+        counted = self.n if labels is None else max(1, int((labels != -100).sum()))
+        weights = dict(hard_weight=0.5, soft_weight=0.5) if labels is not None else {}
+        grad = torch.zeros(self.student.shape, dtype=torch.float32, device=self.student.device)  # contiguous
+        flat_grad = grad.view(self.n, -1)  # the padding columns get no gradient
         loss = 0.0
         step = _rows_per_block(self.v)
         for r0 in range(0, self.n, step):
-            s = self.student[r0:r0 + step].detach().double().requires_grad_()
-            block = kd_loss_reference(s, self.teacher[r0:r0 + step].double(), temperature=temperature,
-                                      divergence=divergence, beta=beta, reduction="sum") / self.n
-            block.backward()
+            s = student[r0:r0 + step].detach().double().requires_grad_()
+            block = kd_loss_reference(s, teacher[r0:r0 + step].double(), temperature=temperature,
+                                      divergence=divergence, beta=beta, reduction="sum",
+                                      labels=None if labels is None else labels[r0:r0 + step], **weights) / counted
+            (block * self.grad_output).backward()
             loss += block.item()
-            grad[r0:r0 + step] = s.grad
+            flat_grad[r0:r0 + step, :self.v] = s.grad
         return loss, [grad]
 
 

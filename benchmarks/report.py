@@ -23,7 +23,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-GROUP_FIELDS = ("problem", "n", "v", "hs", "ht", "k", "dtype", "divergence", "mode")
+GROUP_FIELDS = ("problem", "n", "v", "hs", "ht", "k", "variant", "dtype", "divergence", "mode")
 VERDICTS = {True: "PASS", False: "**FAIL**", None: "not measured"}
 SECTION = "<!-- benchmarks {key} {edge} -->"  # edge: begin / end
 RESULTS_HEADER = """# kdfast benchmark results
@@ -113,7 +113,8 @@ def failed_kdfast_cells(result: dict) -> list[dict]:
 def _size(c: dict) -> str:
     hidden = f" (H {c['hs']}/{c['ht']})" if c.get("hs") else ""
     ids = f", K {c['k']}" if c.get("k") else ""
-    return f"{c['n']} x {c['v']}{hidden}{ids}"
+    variant = f", {c['variant']}" if c.get("variant") else ""  # problems.VARIANTS
+    return f"{c['n']} x {c['v']}{hidden}{ids}{variant}"
 
 
 def cell_name(c: dict) -> str:

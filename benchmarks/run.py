@@ -62,10 +62,13 @@ def run_cell(meter, problem, impl: Impl, divergence: str, mode: str, temperature
             for x in trainables:
                 x.grad = None
 
+        options = getattr(problem, "options", {})  # a variant's (kdfast's keywords)
+        grad_output = getattr(problem, "grad_output", 1.0)
+
         def step():
-            loss = impl.loss(*args, temperature, divergence)
+            loss = impl.loss(*args, temperature, divergence, **options)
             if backward:
-                loss.backward()
+                loss.backward(None if grad_output == 1.0 else torch.tensor(grad_output, device=loss.device))
             return loss
         return trainables, reset, step
 
@@ -156,6 +159,9 @@ def run_suite(suite: suites.Suite, env: dict, impl_patterns: tuple[str, ...], bu
                     if budget_s is not None and time.monotonic() - started > budget_s:
                         cell = {**_cell_base(problem, impl, divergence, mode), "status": "skipped",
                                 "reason": f"the time budget of {budget_s:.0f} s was spent"}
+                    elif getattr(problem, "options", None) and impl.kind != "kdfast":
+                        cell = {**_cell_base(problem, impl, divergence, mode), "status": "skipped",
+                                "reason": "a peer takes no vocab_size, labels or expected_grad_output"}
                     else:
                         cell = run_cell(meter, problem, impl, divergence, mode, suite.temperature, reference, tol)
                     result["cells"].append(cell)

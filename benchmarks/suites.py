@@ -13,7 +13,7 @@ from typing import Optional
 
 from .measure import Timing, Tolerance
 from .peers import DIVERGENCES
-from .problems import MODES, FusedLinearProblem, LogitsProblem, SparseProblem
+from .problems import MODES, VARIANTS, FusedLinearProblem, LogitsProblem, SparseProblem
 
 VOCABS = (32000, 50257, 128256, 151936, 262144)
 ALL = ("*",)
@@ -43,13 +43,22 @@ class Case:
     hs: int = 0  # fused: the student's and the teacher's hidden sizes
     ht: int = 0
     k: int = 0  # sparse: the teacher's ids per position
+    variant: str = "plain"  # logits: how the loss is called (problems.VARIANTS)
 
     def build(self, device: str, temperature: float):
         if self.problem == "fused":
             return FusedLinearProblem(self.n, self.v, self.hs, self.ht, self.dtype, device)
         if self.problem == "sparse":  # the teacher's log-probabilities are at the loss's temperature
             return SparseProblem(self.n, self.v, self.k, self.dtype, device, temperature)
-        return LogitsProblem(self.n, self.v, self.dtype, device)
+        return LogitsProblem(self.n, self.v, self.dtype, device, variant=self.variant)
+
+
+def _variants(n: int, v: int, impls: tuple[str, ...]) -> tuple[Case, ...]:
+    """One bf16 forward KL forward+backward case per variant but plain, kdfast only: a padded vocabulary
+    (vocab_size 293 short of the row), logits[:, :-1], hard labels with 25 % ignored, grad_output 0.5 without
+    and with expected_grad_output."""
+    return tuple(Case("logits", n, v, "bf16", divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls,
+                      variant=name) for name in VARIANTS if name != "plain")
 
 
 @dataclass(frozen=True)
@@ -124,16 +133,19 @@ def _gpu_core() -> Suite:
 
 
 def _gpu_extra() -> Suite:
-    # issue 13's extra shapes for the first GPU run: an unaligned V (GPT-2's 50257, no 16-element
+    # Extra shapes for the first GPU run: an unaligned V (GPT-2's 50257, no 16-element
     # vectors) and fp32 logits at the headline V, kdfast's kernels only, under a small budget.
     impls = ("kdfast-triton*", "kdfast-cuda*")
     return Suite(
         "gpu-extra", "cuda",
-        "The unaligned and fp32 cells: N=8192, V=50257 bf16 forward_kl forward and forward+backward, V=128256 fp32 "
-        "forward_kl forward+backward, kdfast's GPU kernels; starts no cell after 30 s.",
+        "The unaligned, fp32 and training-call cells: N=8192, V=50257 bf16 forward_kl forward and forward+backward, "
+        "V=128256 fp32 forward_kl forward+backward, and at V=151643 bf16 a vocab_size slice of 151936, "
+        "logits[:, :-1], hard labels with 25 % ignored rows, grad_output 0.5 with and without "
+        "expected_grad_output; kdfast's GPU kernels; starts no cell after 40 s.",
         (Case("logits", 8192, 50257, "bf16", divergences=("forward_kl",), impls=impls),
-         Case("logits", 8192, 128256, "fp32", divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls)),
-        timing=Timing(warmup_ms=10, rep_ms=40), copy_mib=2048, budget_s=30.0)
+         Case("logits", 8192, 128256, "fp32", divergences=("forward_kl",), modes=("fwd+bwd",), impls=impls))
+        + _variants(8192, 151643, impls),
+        timing=Timing(warmup_ms=10, rep_ms=40), copy_mib=2048, budget_s=40.0)
 
 
 def _fused_linear(device: str) -> Suite:
@@ -195,6 +207,7 @@ def _quick(device: str) -> Suite:
                  Case("logits", 8, 32000, "fp32", divergences=("reverse_kl", "jsd"), impls=NO_COMPILE),
                  Case("logits", 8, 32000, "bf16", impls=NO_COMPILE)]
         cases += _grid(8, ("fp32", "bf16"), VOCABS[1:], impls=("kdfast-cpu*", "classic", "eager"))
+        cases += _variants(8, 1000, ("kdfast-cpu*",))
         cases += [Case("sparse", 8, 32000, "fp32", divergences=("forward_kl",), k=16),
                   Case("sparse", 8, 32000, "fp32", divergences=("reverse_kl", "jsd"), impls=NO_COMPILE, k=16),
                   Case("sparse", 8, 32000, "bf16", impls=NO_COMPILE, k=64)]

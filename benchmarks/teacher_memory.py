@@ -79,14 +79,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "WAY"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(*args.one, args)))
         return
-    passed = [a for a in (argv if argv is not None else sys.argv[1:])]
+    passed = list(argv if argv is not None else sys.argv[1:])  # the children measure with the same settings
     rows = []
-    for model in MODELS:
+    for model in args.models:
         for way in WAYS:
             out = subprocess.run([sys.executable, "-m", "benchmarks.teacher_memory", *passed, "--one", model, way],
                                  check=True, capture_output=True, text=True).stdout
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
           f"V={args.vocab}, {args.device} (peak above the start of the forward, MiB):")
     print("| model | output_hidden_states | hook | saved |")
     print("|---|---|---|---|")
-    for model in MODELS:
+    for model in args.models:
         kept, hooked = (next(r for r in rows if r["model"] == model and r["way"] == way)["peak_above_start_bytes"]
                         for way in WAYS)
         print(f"| {model} | {kept / 2**20:.0f} | {hooked / 2**20:.0f} | {(kept - hooked) / 2**20:.0f} |")

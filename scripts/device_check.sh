@@ -169,7 +169,7 @@ bench peers 60 25 gpu-core 'classic,eager,compile,liger-*'
 # forward memory (every layer's hidden states kept, against the final one captured by a hook)
 if [[ $DRY == 1 ]]; then
     TRL_ARGS=(--device cpu --vocab 512 --width 32 --seq 32 --batch 2 --steps 2)
-    MEMORY_ARGS=(--device cpu --layers 2 --width 64 --seq 64 --batch 2 --vocab 512)
+    MEMORY_ARGS=(--device cpu --layers 2 --width 64 --seq 64 --batch 2 --vocab 512 --models gpt)
 else
     TRL_ARGS=(--device cuda --vocab 128256 --width 1024 --seq 1024 --batch 4 --steps 4)
     MEMORY_ARGS=(--device cuda --layers 16 --width 2048 --seq 4096 --batch 4 --vocab 128256)

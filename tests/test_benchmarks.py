@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # benchmarks/ is not installed: import it from the checkout, as `python -m` does
 
 from benchmarks import measure, peers, report, suites  # noqa: E402
-from benchmarks.problems import MODES, LogitsProblem, SparseProblem  # noqa: E402
+from benchmarks.problems import MODES, VARIANTS, LogitsProblem, SparseProblem  # noqa: E402
 from kdfast.reference import kd_loss_reference, sparse_kd_loss_reference  # noqa: E402
 
 
@@ -32,7 +32,10 @@ def test_quick_cpu_suite(tmp_path):
     kdfast_cells = [c for c in cells if c["kind"] == "kdfast"]
     assert kdfast_cells and all(c["status"] == "ok" for c in kdfast_cells)
     # Every divergence, mode, dtype and V, and a peer for each divergence, were measured.
-    logits_cells = [c for c in kdfast_cells if c["problem"] == "logits"]
+    logits_cells = [c for c in kdfast_cells if c["problem"] == "logits" and "variant" not in c]
+    # and every way of calling the loss that training uses, checked against the reference too
+    assert {c["variant"] for c in kdfast_cells if c["impl"] == "kdfast-cpu" and "variant" in c} == \
+        set(VARIANTS) - {"plain"}
     assert {(c["divergence"], c["mode"], c["dtype"], c["v"]) for c in logits_cells} == {
         (d, m, t, v) for d in peers.DIVERGENCES for m in ("fwd", "fwd+bwd") for t in ("fp32", "bf16")
         for v in (32000, 50257, 128256, 151936, 262144)}
