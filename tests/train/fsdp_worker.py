@@ -10,6 +10,7 @@ prints "checkpointed STEP" once that checkpoint is on disk and sleeps, for the t
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,13 @@ def main() -> int:
         save(trainer)
         if trainer.step == args.hang_at:
             print(f"checkpointed {trainer.step}", flush=True)
-            time.sleep(600)
+            # Until the test kills the run: torchrun starts the workers in sessions of their own, so killing
+            # its process group leaves them; a worker whose launcher is gone (reparented) ends itself.
+            launcher = os.getppid()
+            for _ in range(6000):
+                if os.getppid() != launcher:
+                    os._exit(1)
+                time.sleep(0.1)
 
     def train_then_report(trainer):
         summary = train(trainer)
