@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,7 @@ def _load_data(spec: dict, seed: int) -> tuple[TokenWindows, Optional[TokenWindo
     check_keys(spec, ("train_tokens", "eval_tokens", "vocab_size", "text", "tokenizer", "eval_fraction", "context"),
                "data")
     context = int(spec.get("context", 128))
+    tokenizer_id = None  # known when the text is encoded here
     if "train_tokens" in spec:
         train, held_out = load_tokens(spec["train_tokens"]), spec.get("eval_tokens")
         held_out = load_tokens(held_out) if held_out else None
@@ -72,10 +74,11 @@ def _load_data(spec: dict, seed: int) -> tuple[TokenWindows, Optional[TokenWindo
         train = encode_texts(read_texts(Path("."), train_names), tokenizer)
         held_out = encode_texts(read_texts(Path("."), eval_names), tokenizer) if eval_names else None
         vocab = tokenizer.get_vocab_size()
+        tokenizer_id = hashlib.sha256(Path(spec["tokenizer"]).read_bytes()).hexdigest()
     else:
         raise ValueError("the data section needs train_tokens (a token file), or text and tokenizer")
-    return (TokenWindows(train, context, seed), None if held_out is None else TokenWindows(held_out, context, seed),
-            vocab)
+    return (TokenWindows(train, context, seed, tokenizer_id),
+            None if held_out is None else TokenWindows(held_out, context, seed, tokenizer_id), vocab)
 
 
 CACHE_EXAMPLE = """\

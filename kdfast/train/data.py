@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -20,9 +20,12 @@ from torch import Tensor
 
 
 class TokenWindows:
-    """Windows of ``context + 1`` tokens from a 1-D token stream: (inputs, targets) of length context."""
+    """Windows of ``context + 1`` tokens from a 1-D token stream: (inputs, targets) of length context.
+    ``tokenizer``: the identity of the tokenizer that made the tokens (e.g. the sha256 of its file), when known;
+    part of the windows' identity (sha256), so that a teacher cache is refused for another tokenizer's ids."""
 
-    def __init__(self, tokens: Union[Tensor, np.ndarray], context: int, seed: int = 0):
+    def __init__(self, tokens: Union[Tensor, np.ndarray], context: int, seed: int = 0,
+                 tokenizer: Optional[str] = None):
         tokens = torch.as_tensor(tokens)
         if tokens.dim() != 1 or tokens.dtype.is_floating_point:
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tokens.dtype} of shape {tuple(tokens.shape)}")
@@ -31,6 +34,7 @@ class TokenWindows:
         self.tokens = tokens
         self.context = context
         self.seed = seed
+        self.tokenizer = tokenizer
         self.n_windows = (len(tokens) - 1) // context
         if self.n_windows < 1:
             raise ValueError(f"{len(tokens)} tokens do not fill one window of context {context} (+1 target)")
@@ -63,9 +67,11 @@ class TokenWindows:
         return self.rows(self.batch_windows(index, batch_size, rank, world_size))
 
     def sha256(self) -> str:
-        """The identity of the windows (context and the tokens they cover), whatever dtype holds the tokens:
-        a teacher cache is valid for exactly these sequences."""
+        """The identity of the windows (context, the tokens they cover and their tokenizer when known), whatever
+        dtype holds the tokens: a teacher cache is valid for exactly these sequences."""
         digest = hashlib.sha256(f"context={self.context};".encode())
+        if self.tokenizer is not None:
+            digest.update(f"tokenizer={self.tokenizer};".encode())
         covered = self.tokens[:self.n_windows * self.context + 1].to(torch.int64).contiguous()
         digest.update(covered.numpy().astype("<i8").tobytes())
         return digest.hexdigest()
@@ -88,8 +94,8 @@ class MaskedWindows(TokenWindows):
     the teacher's distribution does not depend on which targets count."""
 
     def __init__(self, tokens: Union[Tensor, np.ndarray], counted: Union[Tensor, np.ndarray], context: int,
-                 seed: int = 0, ignore_index: int = -100):
-        super().__init__(tokens, context, seed)
+                 seed: int = 0, ignore_index: int = -100, tokenizer: Optional[str] = None):
+        super().__init__(tokens, context, seed, tokenizer)
         counted = torch.as_tensor(counted)
         if counted.dtype != torch.bool or counted.shape != self.tokens.shape:
             raise ValueError(f"counted must be a bool tensor of the tokens' shape {tuple(self.tokens.shape)}, got "

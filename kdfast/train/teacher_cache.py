@@ -285,7 +285,8 @@ def capture_teacher(teacher: nn.Module, windows: TokenWindows, out_dir: Union[st
         vocab = logits_of(teacher(windows.rows(torch.tensor([0]))[0][:, :1].to(device))).shape[-1]
         header = {"vocab_size": vocab, "k": k, "temperature": float(temperature), "mode": mode, "n": n,
                   "logprob_dtype": dtype, "context": windows.context, "sequences": windows.n_windows,
-                  "teacher": model_sha256(teacher), "data_sha256": windows.sha256(), "seed": seed}
+                  "teacher": model_sha256(teacher), "data_sha256": windows.sha256(), "tokenizer": windows.tokenizer,
+                  "seed": seed}
         writer = _Writer(out_dir, header, shard_sequences, log)
         todo = writer.todo()
         bar = _progress(progress and writer.rank == 0, sum(len(writer.rows(i)) for i in todo))
@@ -337,7 +338,7 @@ def write_cache(out_dir: Union[str, Path], ids, logprobs, *, windows: TokenWindo
         raise ValueError(f"ids must lie in [0, {vocab_size}) or be -1 (an empty slot)")
     header = {"vocab_size": vocab_size, "k": ids.shape[-1], "temperature": float(temperature), "mode": mode, "n": n,
               "logprob_dtype": dtype, "context": windows.context, "sequences": windows.n_windows,
-              "teacher": teacher, "data_sha256": windows.sha256(), "seed": None}
+              "teacher": teacher, "data_sha256": windows.sha256(), "tokenizer": windows.tokenizer, "seed": None}
     if mode not in MODES or dtype not in LOGPROB_DTYPES:
         raise ValueError(f"mode must be one of {MODES} and dtype one of {tuple(LOGPROB_DTYPES)}; got {mode!r}, "
                          f"{dtype!r}")
@@ -398,6 +399,8 @@ class TeacherCache:
         if windows is not None:
             now.update(context=windows.context, sequences=windows.n_windows, data_sha256=windows.sha256())
         changed = _differences(self.manifest, {key: value for key, value in now.items() if value is not None})
+        if windows is not None and self.manifest.get("tokenizer") != windows.tokenizer:  # None is a value here
+            changed.append(f"tokenizer: {self.manifest.get('tokenizer')!r} (cache) vs {windows.tokenizer!r} (now)")
         if changed:
             raise ValueError(f"teacher cache {self.dir} does not match this run:\n  " + "\n  ".join(changed))
 

@@ -167,6 +167,17 @@ def test_training_refuses_a_cache_of_other_data_vocabulary_or_temperature(tmp_pa
         trainer(tmp_path, cache, student=make_pair(seed=0, student_vocab=40)[1])
 
 
+def test_the_tokenizer_is_part_of_the_data_identity(tmp_path):
+    """The same ids from another tokenizer are other text: a cache of one is refused for the other."""
+    tokens = markov_tokens(CONTEXT * 20 + 1, seed=3)
+    capture(tmp_path / "cache", data=TokenWindows(tokens, CONTEXT, tokenizer="sha256-of-tokenizer-a"))
+    cache = TeacherCache(tmp_path / "cache")
+    cache.check(windows=TokenWindows(tokens, CONTEXT, tokenizer="sha256-of-tokenizer-a"))
+    for other in ("sha256-of-tokenizer-b", None):
+        with pytest.raises(ValueError, match=f"tokenizer: 'sha256-of-tokenizer-a' .cache. vs {other!r} .now."):
+            cache.check(windows=TokenWindows(tokens, CONTEXT, tokenizer=other))
+
+
 # --- training from a cache ---
 
 @pytest.mark.parametrize("loss_path", ["logits", "fused_linear"])
