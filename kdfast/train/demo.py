@@ -5,9 +5,11 @@ held-out sets, so nothing is downloaded. Stages:
 
 1. train a byte-level BPE tokenizer on the train split and encode both splits;
 2. train the teacher on hard labels;
-3. train the same student (same initial weights, data order, steps and tokens) twice:
-   on hard labels alone (the baseline), and distilled from the teacher with kdfast;
-4. evaluate all three on the same held-out windows and write report.md, loss_curves.png
+3. train the same student (same initial weights, data order, steps and tokens) three times:
+   on hard labels alone (the baseline), distilled from the teacher with kdfast, and distilled
+   from a cache of the teacher's top-k captured once over the students' sequences (no teacher
+   forward while training: kdfast.sparse_kd_loss);
+4. evaluate all of them on the same held-out windows and write report.md, loss_curves.png
    and results.json.
 
 The tokenizer, the encoded data and the trained teacher are cached under ``cache_dir``,
@@ -34,9 +36,11 @@ from .corpus import encode_texts, python_stdlib_files, read_texts, split_files, 
 from .data import TokenWindows, load_tokens, save_tokens
 from .lm import evaluate_models
 from .runtime import resolve_device
+from .teacher_cache import TeacherCache, capture_teacher
 from .trainer import PRECISIONS, DistillTrainer, TrainConfig
 
-TOP_LEVEL = ("seed", "device", "cache_dir", "data", "tokenizer", "teacher", "student", "loss", "eval")
+TOP_LEVEL = ("seed", "device", "cache_dir", "data", "tokenizer", "teacher", "teacher_cache", "student", "loss",
+             "eval")
 
 
 def _key(*parts: Any) -> str:
@@ -61,6 +65,8 @@ class Demo:
         self.loss_options = build(LossOptions, section(config, "loss"), "loss")
         self.eval_cfg = section(config, "eval")
         check_keys(self.eval_cfg, ("windows", "batch_size"), "eval")
+        self.cache_cfg = section(config, "teacher_cache")
+        check_keys(self.cache_cfg, ("k", "logprob_dtype"), "teacher_cache")
         self.timings: dict[str, float] = {}
 
     # --- stage 1: data ---
@@ -100,7 +106,7 @@ class Demo:
         self.timings["data"] = time.perf_counter() - started
 
     def windows(self, tokens: torch.Tensor) -> TokenWindows:
-        return TokenWindows(tokens, self.context, seed=self.seed)
+        return TokenWindows(tokens, self.context, seed=self.seed, tokenizer=self.tokenizer_hash)
 
     # --- models and runs ---
 
@@ -117,13 +123,20 @@ class Demo:
         values = {"seed": self.seed, "device": str(self.device), **section(role_cfg, "train")}
         return build(TrainConfig, values, f"{role}.train", out_dir=str(out_dir))
 
-    def _run(self, name: str, role: str, out_dir: Path, teacher: Optional[torch.nn.Module]):
+    def student_tokens(self) -> torch.Tensor:
+        """The training tokens the students see: as many windows as their steps take (one epoch, in one
+        seeded order for every student), so that the teacher cache holds only those."""
+        config = self._train_config("student", Path("."))
+        n_windows = config.steps * config.batch_size * config.grad_accum
+        return self.train_tokens[:n_windows * self.context + 1]
+
+    def _run(self, name: str, role: str, out_dir: Path, teacher, tokens: torch.Tensor):
         model = self._model(role)
         config = self._train_config(role, out_dir)
         _log(f"training the {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
              f"{config.steps} steps) in {out_dir}")
         started = time.perf_counter()
-        summary = DistillTrainer(model, self.windows(self.train_tokens), config, teacher=teacher,
+        summary = DistillTrainer(model, self.windows(tokens), config, teacher=teacher,
                                  eval_data=self.windows(self.eval_tokens), loss_options=self.loss_options).train()
         self.timings[name] = time.perf_counter() - started
         return model, summary
@@ -141,9 +154,26 @@ class Demo:
             load_weights(model, weights)
             self.timings["teacher"] = 0.0
             return model.to(self.device), {**json.loads((folder / "summary.json").read_text()), "cached": True}
-        model, summary = self._run("teacher", "teacher", folder, teacher=None)
+        model, summary = self._run("teacher", "teacher", folder, None, self.train_tokens)
         save_weights(model, weights)
         return model, summary
+
+    def teacher_cache(self, teacher: torch.nn.Module, tokens: torch.Tensor) -> TeacherCache:
+        """The teacher's top-k over the students' sequences, captured afresh (its time is part of the comparison)."""
+        folder = self.out / "teacher-cache"
+        shutil.rmtree(folder, ignore_errors=True)
+        k, dtype = int(self.cache_cfg.get("k", 32)), str(self.cache_cfg.get("logprob_dtype", "fp16"))
+        _log(f"caching the teacher's top-{k} ({dtype} log-probs) over the students' sequences in {folder}")
+        started = time.perf_counter()
+        capture_teacher(teacher, self.windows(tokens), folder, k=k, temperature=self.loss_options.temperature,
+                        dtype=dtype, progress=False, log=_log)
+        self.timings["cache_capture"] = time.perf_counter() - started
+        cache = TeacherCache(folder)
+        size = sum(f.stat().st_size for f in folder.iterdir())
+        self.cache_info = {"k": k, "logprob_dtype": dtype, "sequences": cache.sequences, "bytes": size,
+                           "bytes_per_token": size / (cache.sequences * cache.context),
+                           "capture_seconds": self.timings["cache_capture"]}
+        return cache
 
     # --- the whole job ---
 
@@ -153,10 +183,13 @@ class Demo:
         teacher, teacher_summary = self.teacher()
         runs = {"teacher": teacher_summary}
         students = {}
-        for name, distil in (("baseline", False), ("distilled", True)):
+        tokens = self.student_tokens()
+        for name in ("baseline", "distilled", "from_cache"):
             out_dir = self.out / name
-            shutil.rmtree(out_dir, ignore_errors=True)  # each demo run trains both students afresh
-            students[name], runs[name] = self._run(name, "student", out_dir, teacher if distil else None)
+            shutil.rmtree(out_dir, ignore_errors=True)  # each demo run trains the students afresh
+            source = (None if name == "baseline" else teacher if name == "distilled"
+                      else self.teacher_cache(teacher, tokens))  # what the student learns from
+            students[name], runs[name] = self._run(name, "student", out_dir, source, tokens)
         eval_started = time.perf_counter()
         held_out = self.windows(self.eval_tokens).spread(int(self.eval_cfg.get("windows", 512)),
                                                          int(self.eval_cfg.get("batch_size", 32)))
@@ -167,13 +200,13 @@ class Demo:
         self.timings["total"] = time.perf_counter() - started
         params = {"teacher": teacher, **students}
         results = {"data": self.data_info, "config": self.config, "device": str(self.device),
-                   "timings_s": self.timings, "kdfast_version": __version__, "torch_version": torch.__version__,
+                   "timings_s": self.timings, "teacher_cache": self.cache_info, "kdfast_version": __version__,
+                   "torch_version": torch.__version__,
                    "models": {name: {"parameters": sum(p.numel() for p in params[name].parameters()),
                                      "held_out": final[name], "training": runs[name]} for name in params}}
         (self.out / "results.json").write_text(json.dumps(results, indent=1))
         plot_curves(self.out / "loss_curves.png",
-                    {"teacher": self.teacher_dir, "baseline": self.out / "baseline",
-                     "distilled": self.out / "distilled"})
+                    {"teacher": self.teacher_dir, **{name: self.out / name for name in students}})
         (self.out / "report.md").write_text(render_report(results))
         _log(f"report written to {self.out / 'report.md'} ({self.timings['total']:.0f} s in all)")
         return results
@@ -212,8 +245,37 @@ def plot_curves(path: Path, run_dirs: dict[str, Path]) -> None:
     plt.close(fig)
 
 
+def _cache_lines(results: dict) -> list[str]:
+    cache = results["teacher_cache"]
+    lines = [f"The from_cache student learnt from the teacher's top-{cache['k']} tokens per position with "
+             f"{cache['logprob_dtype']} log-probabilities, captured once over the {cache['sequences']:,} sequences "
+             f"the students train on: {_mib(cache['bytes'])} on disk, {cache['bytes_per_token']:.0f} bytes per token "
+             f"(the full fp32 logits would be {4 * results['data']['vocab_size']:,}), in "
+             f"{cache['capture_seconds']:.0f} s. Every student saw the same sequences in the same order.", "",
+             "| bar | value | limit | |", "|---|---:|---:|---|"]
+    for what, value, op, limit in cache_bars(results):
+        met = value >= limit if op == ">=" else value <= limit
+        lines.append(f"| {what} | {value:.2f} | {op} {limit} | {'met' if met else 'MISSED'} |")
+    return lines
+
+
 def _mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.0f} MiB"
+
+
+def cache_bars(results: dict) -> list[tuple[str, float, str, float]]:
+    """The cached student's bars, from the run's own figures: (what, value, op, limit)."""
+    models = results["models"]
+    base, dist, cached = (models[name]["held_out"]["loss"] for name in ("baseline", "distilled", "from_cache"))
+    step = {name: models[name]["training"]["train_seconds"] / models[name]["training"]["steps"]
+            for name in ("baseline", "distilled", "from_cache")}
+    capture_and_run = results["timings_s"]["cache_capture"] + models["from_cache"]["training"]["train_seconds"]
+    recovered = (base - cached) / (base - dist) if base != dist else float("nan")
+    return [("share of the distilled student's held-out-loss gain recovered", recovered, ">=", 0.8),
+            ("training step speed-up over the distilled student", step["distilled"] / step["from_cache"], ">=", 1.5),
+            ("training step time over the baseline's", step["from_cache"] / step["baseline"], "<=", 1.3),
+            ("capture + cached training over the distilled training time",
+             capture_and_run / models["distilled"]["training"]["train_seconds"], "<=", 1.2)]
 
 
 def render_report(results: dict) -> str:
@@ -249,6 +311,7 @@ def render_report(results: dict) -> str:
         "", f"Held-out figures are over {base['tokens']:,} held-out tokens: {base['tokens'] // data['context']:,} "
         f"sequences of {data['context']} spread evenly over the held-out files. Peak memory: {memory_note}. "
         "Training tokens/s counts student tokens (the distilled run also runs the teacher).", "",
+        *_cache_lines(results), "",
         "![loss curves](loss_curves.png)", "",
         "Wall time: " + ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items()) + ".", "",
         "## Configuration", "", "```json", json.dumps(results["config"], indent=1), "```", "",
