@@ -49,7 +49,8 @@ def _kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0,
-            teacher_temperature: Optional[float] = None, divergence: str = "forward_kl", beta: float = 0.5, labels: Optional[Tensor] = None,
+            teacher_temperature: Optional[float] = None, divergence: str = "forward_kl", beta: float = 0.5,
+            labels: Optional[Tensor] = None,
             ignore_index: int = -100, reduction: str = "batchmean", scale_t2: bool = True, hard_weight: float = 0.0,
             soft_weight: float = 1.0, vocab_size: Optional[int] = None, inplace_backward: bool = False,
             expected_grad_output: float = 1.0, num_items_in_batch=None, softcap=None, logit_scale=None,
@@ -106,7 +107,8 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
         The gradient is computed during the forward pass when student_logits requires grad.
     """
     opts = LossOptions(temperature=temperature, teacher_temperature=teacher_temperature, divergence=divergence,
-                       beta=beta, ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2, hard_weight=hard_weight, soft_weight=soft_weight,
+                       beta=beta, ignore_index=ignore_index, reduction=reduction, scale_t2=scale_t2,
+                       hard_weight=hard_weight, soft_weight=soft_weight,
                        vocab_size=vocab_size, inplace_backward=inplace_backward,
                        expected_grad_output=expected_grad_output, softcap=softcap, logit_scale=logit_scale,
                        backend=backend)

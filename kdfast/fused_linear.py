@@ -76,13 +76,14 @@ def fused_linear_kd_loss(student_hidden: Tensor, student_weight: Tensor, teacher
             a GPU).
         num_items_in_batch: as in kd_loss.
         return_parts: return KDLossParts(loss, kd, hard), the parts detached for logging.
-        **options: kd_loss's keywords: temperature, teacher_temperature, divergence, beta, ignore_index, reduction, scale_t2,
-            hard_weight, soft_weight, vocab_size, softcap and logit_scale (applied to each chunk's logits in the
+        **options: kd_loss's keywords: temperature, teacher_temperature, divergence, beta, ignore_index,
+            reduction, scale_t2, hard_weight, soft_weight, vocab_size, softcap and logit_scale (applied to each chunk's logits in the
             kernel: a Gemma-2 or Cohere head's real output), expected_grad_output, backend (inplace_backward has no
             effect: the chunk logits are always reused for their gradient).
     """
     return _fused_linear_kd_loss_with_options(
-        LinearHead(student_hidden, student_weight, student_bias), LinearHead(teacher_hidden, teacher_weight, teacher_bias),
+        LinearHead(student_hidden, student_weight, student_bias),
+        LinearHead(teacher_hidden, teacher_weight, teacher_bias),
         labels, loss_options("fused_linear_kd_loss", options, FUSED_LINEAR_KEYWORDS), chunk_size, return_parts,
         num_items_in_batch)
 

@@ -58,7 +58,8 @@ def check_sparse_options(opts: LossOptions, tail: str) -> None:
         value = getattr(opts, name)
         if value is not None and value[1] is not None and value[1] != value[0]:
             raise ValueError(f"{name} for the teacher does not apply to a sparse teacher: its log-probabilities are "
-                             f"taken as given (capture them from the teacher's own logits); give {name}=(student, None) "
+                             f"taken as given (capture them from the teacher's own logits); give "
+                             f"{name}=(student, None) "
                              f"or one number, which transforms the student's logits, got {name}={value!r}")
     if opts.teacher_temperature is not None:
         raise ValueError("teacher_temperature does not apply to a sparse teacher: its log-probabilities are taken "

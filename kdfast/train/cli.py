@@ -180,9 +180,10 @@ def _parser() -> argparse.ArgumentParser:
                                                     "is resumed)")
     cache.add_argument("--set", dest="overrides", **overrides)
     demo = commands.add_parser(
-        "demo", help="the main job: train a tokenizer, a teacher and two students on the Python standard library",
+        "demo", help="the main job: train a tokenizer, a teacher and three students on the Python standard library",
         description="Train a tokenizer and a teacher on this Python's standard library source, then the same "
-                    "student twice (hard labels; distilled), and write a report comparing them.")
+                    "student three times (hard labels; distilled; distilled from a cache of the teacher), and "
+                    "write a report comparing them.")
     demo.add_argument("--config", default="configs/demo.yaml", help="a YAML or TOML file (default: %(default)s)")
     demo.add_argument("--out", default="runs/demo", help="the report's folder (default: %(default)s)")
     demo.add_argument("--set", dest="overrides", **overrides)

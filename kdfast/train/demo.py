@@ -13,7 +13,7 @@ held-out sets, so nothing is downloaded. Stages:
    and results.json.
 
 The tokenizer, the encoded data and the trained teacher are cached under ``cache_dir``,
-keyed by everything they depend on, so a second run trains only the two students.
+keyed by everything they depend on, so a second run trains only the students.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from .runtime import resolve_device
 from .teacher_cache import TeacherCache, capture_teacher
 from .trainer import PRECISIONS, DistillTrainer, TrainConfig
 
+STUDENT_PIECES = 64  # stretches of the training stream the students' windows come from
 TOP_LEVEL = ("seed", "device", "cache_dir", "data", "tokenizer", "teacher", "teacher_cache", "student", "loss",
              "eval")
 
@@ -66,7 +67,7 @@ class Demo:
         self.eval_cfg = section(config, "eval")
         check_keys(self.eval_cfg, ("windows", "batch_size"), "eval")
         self.cache_cfg = section(config, "teacher_cache")
-        check_keys(self.cache_cfg, ("k", "logprob_dtype"), "teacher_cache")
+        check_keys(self.cache_cfg, ("mode", "k", "n", "logprob_dtype"), "teacher_cache")
         self.timings: dict[str, float] = {}
 
     # --- stage 1: data ---
@@ -125,10 +126,19 @@ class Demo:
 
     def student_tokens(self) -> torch.Tensor:
         """The training tokens the students see: as many windows as their steps take (one epoch, in one
-        seeded order for every student), so that the teacher cache holds only those."""
+        seeded order for every student), so that the teacher cache holds only those; taken as STUDENT_PIECES
+        stretches spread evenly over the training stream (its first stretch alone would be its first few
+        files), packed one after the other."""
         config = self._train_config("student", Path("."))
         n_windows = config.steps * config.batch_size * config.grad_accum
-        return self.train_tokens[:n_windows * self.context + 1]
+        if n_windows * self.context + 1 >= len(self.train_tokens):
+            return self.train_tokens
+        pieces = min(STUDENT_PIECES, n_windows)
+        stride = (len(self.train_tokens) - 1) // pieces
+        stretches = [self.train_tokens[i * stride:i * stride + (n_windows * (i + 1) // pieces - n_windows * i // pieces)
+                                       * self.context] for i in range(pieces)]
+        end = (pieces - 1) * stride + len(stretches[-1])
+        return torch.cat([*stretches, self.train_tokens[end:end + 1]])  # the last target
 
     def _run(self, name: str, role: str, out_dir: Path, teacher, tokens: torch.Tensor):
         model = self._model(role)
@@ -162,15 +172,18 @@ class Demo:
         """The teacher's top-k over the students' sequences, captured afresh (its time is part of the comparison)."""
         folder = self.out / "teacher-cache"
         shutil.rmtree(folder, ignore_errors=True)
-        k, dtype = int(self.cache_cfg.get("k", 32)), str(self.cache_cfg.get("logprob_dtype", "fp16"))
-        _log(f"caching the teacher's top-{k} ({dtype} log-probs) over the students' sequences in {folder}")
+        mode, dtype = str(self.cache_cfg.get("mode", "topk")), str(self.cache_cfg.get("logprob_dtype", "fp16"))
+        k, n = int(self.cache_cfg.get("k", 32)), self.cache_cfg.get("n")
+        what = f"top-{k}" if mode == "topk" else f"{n} draws"
+        _log(f"caching the teacher's {what} ({dtype} log-probs) over the students' sequences in {folder}")
         started = time.perf_counter()
-        capture_teacher(teacher, self.windows(tokens), folder, k=k, temperature=self.loss_options.temperature,
-                        dtype=dtype, progress=False, log=_log)
+        capture_teacher(teacher, self.windows(tokens), folder, k=k, mode=mode, n=None if n is None else int(n),
+                        temperature=self.loss_options.temperature, dtype=dtype, progress=False, log=_log)
         self.timings["cache_capture"] = time.perf_counter() - started
         cache = TeacherCache(folder)
         size = sum(f.stat().st_size for f in folder.iterdir())
-        self.cache_info = {"k": k, "logprob_dtype": dtype, "sequences": cache.sequences, "bytes": size,
+        self.cache_info = {"mode": mode, "k": cache.k, "logprob_dtype": dtype, "sequences": cache.sequences,
+                           "bytes": size,
                            "bytes_per_token": size / (cache.sequences * cache.context),
                            "capture_seconds": self.timings["cache_capture"]}
         return cache
@@ -247,7 +260,9 @@ def plot_curves(path: Path, run_dirs: dict[str, Path]) -> None:
 
 def _cache_lines(results: dict) -> list[str]:
     cache = results["teacher_cache"]
-    lines = [f"The from_cache student learnt from the teacher's top-{cache['k']} tokens per position with "
+    what = (f"top-{cache['k']} tokens per position" if cache.get("mode", "topk") == "topk" else
+            f"{cache['k']} draws per position (unbiased: each drawn token weighted by its count / {cache['k']})")
+    lines = [f"The from_cache student learnt from the teacher's {what} with "
              f"{cache['logprob_dtype']} log-probabilities, captured once over the {cache['sequences']:,} sequences "
              f"the students train on: {_mib(cache['bytes'])} on disk, {cache['bytes_per_token']:.0f} bytes per token "
              f"(the full fp32 logits would be {4 * results['data']['vocab_size']:,}), in "

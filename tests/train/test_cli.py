@@ -173,7 +173,7 @@ def test_demo_end_to_end_then_reuses_the_teacher(tmp_path, capsys):
                 "| training step speed-up over the distilled student |"):
         assert row in report
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert results["timings_s"]["cache_capture"] > 0 and results["teacher_cache"]["k"] == 32
+    assert results["timings_s"]["cache_capture"] > 0 and results["teacher_cache"]["k"] == 64
     assert (tmp_path / "demo" / "loss_curves.png").stat().st_size > 1000
     assert "using the cached teacher" not in capsys.readouterr().out
     assert main(command) == 0
