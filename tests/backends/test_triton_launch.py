@@ -5,7 +5,7 @@ one, and the sweeps' pipelining depth."""
 import pytest
 import torch
 
-from helpers import make_labels, make_logits, runnable_backends
+from helpers import make_labels, make_logits, rel_err, runnable_backends
 
 pytestmark = pytest.mark.skipif(not any(b == "triton" for b, _ in runnable_backends()),
                                 reason="the triton backend does not run here (no GPU, TRITON_INTERPRET unset)")
@@ -27,5 +27,9 @@ def test_launch_configurations_agree(gen, divergence, vocab, num_stages):
     for config in (None, LaunchConfig(128, 4, num_stages)):  # the default (one block) and four or more blocks
         grad = torch.empty_like(s)
         results.append((*kd_forward(s, t, labels, grad, coefs, params, config), grad))
-    for default, blocked in zip(*results):
-        torch.testing.assert_close(blocked, default, rtol=1e-5, atol=1e-6)
+    (kd, ce, grad), (blocked_kd, blocked_ce, blocked_grad) = results
+    torch.testing.assert_close(blocked_kd, kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(blocked_ce, ce, rtol=1e-5, atol=1e-6)
+    # Other blocks sum in another order: an entry at a bf16 rounding boundary may round the other way (and a
+    # tvd entry with p_s ~ p_t take the other sign), so the bf16 gradients agree to their rounding, in norm.
+    assert torch.isfinite(blocked_grad).all() and rel_err(blocked_grad, grad) < 4e-3
