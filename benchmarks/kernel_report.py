@@ -24,13 +24,15 @@ from triton.compiler import ASTSource
 import kdfast.backends.triton_kernels as tk
 
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-POINTER_TYPES = {"labels_ptr": "*i64", "coefs_ptr": "*fp32", "kd_out_ptr": "*fp32", "ce_out_ptr": "*fp32"}
-INT_ARGS = ("rows_per_batch", "vocab", "ignore_index")
+# The pointer arguments that are not logits, and the integer arguments besides strides, of both kernels.
+POINTER_TYPES = {"labels_ptr": "*i64", "coefs_ptr": "*fp32", "kd_out_ptr": "*fp32", "ce_out_ptr": "*fp32",
+                 "ids_ptr": "*i64", "lq_ptr": "*fp32", "shift_ptr": "*fp32"}
+INT_ARGS = ("rows_per_batch", "vocab", "ignore_index", "n_ids", "n_blocks")
 
 
-def kd_kernel_signature(dtype: str) -> dict[str, str]:
-    """The loss kernel's argument types, from its argument names: the logits pointers of ``dtype``,
-    the integers (sizes, strides, ignore_index) i32, constexprs (upper case) as such, the rest fp32."""
+def kernel_signature(kernel, dtype: str) -> dict[str, str]:
+    """A kernel's argument types, from its argument names: the logits pointers of ``dtype``, the integers
+    (sizes, strides, ignore_index) i32, constexprs (upper case) as such, the rest fp32."""
     def kind(name: str) -> str:
         if name.isupper():
             return "constexpr"
@@ -38,7 +40,7 @@ def kd_kernel_signature(dtype: str) -> dict[str, str]:
             return POINTER_TYPES.get(name, f"*{dtype}")
         return "i32" if name in INT_ARGS or "stride" in name else "fp32"
 
-    return {name: kind(name) for name in tk._kd_rows_kernel.arg_names}
+    return {name: kind(name) for name in kernel.arg_names}
 
 
 def compile_kd_kernel(divergence: int, block: int, num_warps: int, write_grad: bool = True, hard: bool = False,
@@ -52,7 +54,7 @@ def compile_kd_kernel(divergence: int, block: int, num_warps: int, write_grad: b
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     constexprs = {"DIVERGENCE": divergence, "HARD": hard, "HAS_LABELS": hard, "WRITE_GRAD": write_grad,
                   "CAP_S": caps, "CAP_T": caps, "BLOCK": block, "NUM_STAGES": num_stages}
-    signature = kd_kernel_signature(dtype)
+    signature = kernel_signature(tk._kd_rows_kernel, dtype)
     # constexprs the caller does not vary (e.g. jsd's TEACHER_IS_A) take their launch-time default
     constexprs.update({n: False for n, kind in signature.items() if kind == "constexpr" and n not in constexprs})
     signature["t_ptr"] = "*bf16"  # the teacher stays bf16 in every variant
@@ -65,17 +67,7 @@ def compile_sparse_kernel(divergence: int, tail: int, hard: bool, caps: bool, dt
     from kdfast.backends import triton_sparse
 
     kernel = triton_sparse._sparse_rows_kernel
-    pointers = {"ids_ptr": "*i64", "lq_ptr": "*fp32", "shift_ptr": "*fp32", **POINTER_TYPES}
-    ints = ("rows_per_batch", "n_ids", "vocab", "n_blocks", "ignore_index")
-
-    def kind(name: str) -> str:
-        if name.isupper():
-            return "constexpr"
-        if name.endswith("_ptr"):
-            return pointers.get(name, f"*{dtype}")
-        return "i32" if name in ints or "stride" in name else "fp32"
-
-    signature = {name: kind(name) for name in kernel.arg_names}
+    signature = kernel_signature(kernel, dtype)
     constexprs = {"DIVERGENCE": divergence, "TAIL": tail, "HARD": hard, "HAS_LABELS": hard, "WRITE_GRAD": True,
                   "CAP": caps, "BLOCK": 4096, "K_BLOCK": 64}
     return triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
