@@ -15,7 +15,7 @@ from .backends import compute_dtype
 from .backends.registry import resolve_backend
 from .inputs import (as_rows, check_inplace, check_labels, check_logits, check_num_items, check_same_tokens,  # noqa: F401
                      check_vocab)
-from .ops import KDLossFunction
+from .ops import KDLossFunction, apply_loss
 from .options import LossOptions, loss_options
 from .reduction import KDLossParts, ReductionWeights
 
@@ -43,8 +43,9 @@ def _kd_loss_with_options(student_logits: Tensor, teacher_logits: Tensor, labels
     inplace = opts.inplace_backward and student.requires_grad and torch.is_grad_enabled()
     if inplace:
         check_inplace(student_logits, student, teacher)
-    loss, kd_rows, ce_rows = KDLossFunction.apply(student, teacher, labels, weights, opts.expected_grad_output,
-                                                  opts.kernel_params, backend, opts.reduction == "none", inplace)
+    loss, kd_rows, ce_rows = apply_loss(KDLossFunction, student, teacher, labels, weights,
+                                        opts.expected_grad_output, opts.kernel_params, backend,
+                                        opts.reduction == "none", inplace)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 

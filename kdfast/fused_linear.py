@@ -17,6 +17,7 @@ from .backends import compute_dtype
 from .backends.registry import resolve_backend
 from .chunked import ChunkPlan, FusedLinearFunction, LinearHead, check_head, chunk_rows, logits_dtype
 from .inputs import check_labels, check_num_items, check_same_tokens, check_vocab
+from .ops import apply_loss
 from .options import LossOptions, check_positive_int, loss_options
 from .reduction import ReductionWeights
 
@@ -48,9 +49,9 @@ def _fused_linear_kd_loss_with_options(student: LinearHead, teacher: LinearHead,
     backend = resolve_backend(opts.backend, device, dtypes) if n_rows else "torch"
     plan = ChunkPlan(chunk_rows(chunk_size, n_rows, vocab, dtypes, device), vocab, backend, opts.kernel_params)
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype(*dtypes), num_items_in_batch)
-    loss, kd_rows, ce_rows = FusedLinearFunction.apply(*student, tuple(teacher), labels, weights,
-                                                       opts.expected_grad_output, plan, opts.reduction == "none",
-                                                       "fused_linear_kd_loss")
+    loss, kd_rows, ce_rows = apply_loss(FusedLinearFunction, *student, tuple(teacher), labels, weights,
+                                        opts.expected_grad_output, plan, opts.reduction == "none",
+                                        "fused_linear_kd_loss")
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 

@@ -86,6 +86,16 @@ def gradient_buffer(student: Tensor, backend: str) -> Tensor:
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
+def apply_loss(function: type[torch.autograd.Function], *args):
+    """``function.apply(*args)``, with the tensors detached when grad mode is off: autograd.Function
+    flags an input that requires grad as needing one (ctx.needs_input_grad) even under
+    torch.no_grad(), and the fused kernels would then compute a gradient in forward that no
+    backward can take (a full gradient buffer, and for a fused-linear loss the weight's GEMM)."""
+    if not torch.is_grad_enabled():
+        args = tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+    return function.apply(*args)
+
+
 def relative_grad_output(grad_output: Tensor, expected: float) -> Tensor:
     """What a gradient computed for grad_output = expected must still be multiplied by: 1 (no pass
     over the gradient) when backward receives what was expected."""

@@ -32,7 +32,7 @@ from .backends import TAIL_CODES, SparseKernelParams, compute_dtype
 from .backends.registry import resolve_backend
 from .chunked import ChunkPlan, FusedLinearFunction, LinearHead, check_head, chunk_rows, logits_dtype
 from .inputs import as_rows, check_inplace, check_labels, check_logits, check_num_items
-from .ops import SparseKDFunction
+from .ops import SparseKDFunction, apply_loss
 from .options import LossOptions, check_choice, check_positive_int, loss_options
 from .reduction import ReductionWeights
 
@@ -162,9 +162,9 @@ def _sparse_kd_loss_with_options(student_logits: Tensor, teacher_ids: Tensor, te
     inplace = opts.inplace_backward and student.requires_grad and torch.is_grad_enabled()
     if inplace:
         check_inplace(student_logits, student, logprobs)
-    loss, kd_rows, ce_rows = SparseKDFunction.apply(student, ids, logprobs, labels, weights,
-                                                    opts.expected_grad_output, sparse_params(opts, tail, tolerance),
-                                                    backend, opts.reduction == "none", inplace)
+    loss, kd_rows, ce_rows = apply_loss(SparseKDFunction, student, ids, logprobs, labels, weights,
+                                        opts.expected_grad_output, sparse_params(opts, tail, tolerance),
+                                        backend, opts.reduction == "none", inplace)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
@@ -240,9 +240,9 @@ def fused_linear_sparse_kd_loss(student_hidden: Tensor, student_weight: Tensor, 
     plan = ChunkPlan(chunk_rows(chunk_size, n_rows, vocab, dtypes[:1], device), vocab, backend,
                      sparse_params(opts, tail, tolerance))
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, compute_dtype(*dtypes), num_items_in_batch)
-    loss, kd_rows, ce_rows = FusedLinearFunction.apply(*student, (ids, logprobs), labels, weights,
-                                                       opts.expected_grad_output, plan, opts.reduction == "none",
-                                                       "fused_linear_sparse_kd_loss")
+    loss, kd_rows, ce_rows = apply_loss(FusedLinearFunction, *student, (ids, logprobs), labels, weights,
+                                        opts.expected_grad_output, plan, opts.reduction == "none",
+                                        "fused_linear_sparse_kd_loss")
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 

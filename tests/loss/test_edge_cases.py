@@ -365,6 +365,44 @@ def test_teacher_gets_no_gradient_and_no_grad_mode_skips_the_gradient(gen):
     assert not loss.requires_grad
 
 
+def _no_grad_cases(gen):
+    """(name, call) of each loss on inputs that require grad: a logits student and a head's weight."""
+    s, t = make_logits(gen, (6, 40))
+    hidden, weight = torch.randn(6, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    ids, logprobs = kdfast.teacher_topk(t, 4)
+    s.requires_grad_(), hidden.requires_grad_(), weight.requires_grad_()
+    return {
+        "kd_loss": lambda: kdfast.kd_loss(s, t, backend="torch"),
+        "sparse_kd_loss": lambda: kdfast.sparse_kd_loss(s, ids, logprobs, backend="torch"),
+        "fused_linear_kd_loss": lambda: kdfast.fused_linear_kd_loss(hidden, weight, hidden.detach(), weight.detach()),
+        "fused_linear_sparse_kd_loss": lambda: kdfast.fused_linear_sparse_kd_loss(hidden, weight, ids, logprobs),
+    }
+
+
+@pytest.mark.parametrize("loss", ["kd_loss", "sparse_kd_loss", "fused_linear_kd_loss", "fused_linear_sparse_kd_loss"])
+def test_no_grad_mode_computes_no_gradient_even_for_inputs_that_require_grad(gen, monkeypatch, loss):
+    # An evaluation loop under torch.no_grad() passes lm_head.weight, a parameter that requires grad.
+    call = _no_grad_cases(gen)[loss]
+    expected = call().detach()
+
+    def no_gradient_wanted(*args, **kwargs):
+        raise AssertionError("a gradient was computed under torch.no_grad()")
+
+    original_pass = kdfast.chunked._chunked_pass
+
+    def chunked_pass_without_gradients(student, teacher, labels, coefs, plan, wanted, **kwargs):
+        if any(wanted):
+            no_gradient_wanted()
+        return original_pass(student, teacher, labels, coefs, plan, wanted, **kwargs)
+
+    monkeypatch.setattr(kdfast.ops, "gradient_buffer", no_gradient_wanted)
+    monkeypatch.setattr(kdfast.chunked, "_chunked_pass", chunked_pass_without_gradients)
+    with torch.no_grad():
+        loss_value = call()
+    assert not loss_value.requires_grad
+    torch.testing.assert_close(loss_value, expected, rtol=1e-6, atol=0)
+
+
 def test_second_backward_is_a_clear_error(gen):
     s, t = make_logits(gen, (4, 50), torch.float32)
     s.requires_grad_()
