@@ -110,9 +110,12 @@ cat "$LOGS/env.log"
 (timeout 300 "$PY" -c "from kdfast.backends import cuda_ext; print('cuda backend:', cuda_ext.unavailable_reason() or 'built')" \
     > "$LOGS/cuda_build.log" 2>&1; echo $? > "$WORK/build.rc") &
 BUILD_PID=$!
-# available_backends() (every test run and benchmark asks it) also JIT-builds the CPU extension, which no
-# GPU step needs but all would wait for: build it beside nvcc, not in the first test's collection.
-(timeout 300 "$PY" -c "from kdfast.backends import cpu_ext; print('cpu backend:', cpu_ext.unavailable_reason() or 'built')" \
+# available_backends() (every test run and benchmark asks it) also JIT-builds the CPU extensions (the dense
+# one, and the sparse one on the first sparse cell), which no GPU step needs but all would wait for: build
+# both beside nvcc, not in the first test's collection or the first benchmark's budget.
+(timeout 300 "$PY" -c "from kdfast.backends import cpu_ext
+print('cpu backend:', cpu_ext.unavailable_reason() or 'built')
+print('cpu sparse kernel:', cpu_ext.kernel_unavailable_reason('sparse_kd_forward') or 'built')" \
     > "$LOGS/cpu_build.log" 2>&1) &
 CPU_BUILD_PID=$!
 # Registers, spills and access widths of the Triton kernels from this machine's own Triton (no GPU needed;

@@ -81,7 +81,16 @@ def assert_same_run(got: Path, want: Path, atol: float) -> None:
     got_weights, want_weights = load_file(got / "student.safetensors"), load_file(want / "student.safetensors")
     assert got_weights.keys() == want_weights.keys()
     for name in want_weights:
-        torch.testing.assert_close(got_weights[name], want_weights[name], rtol=1e-5, atol=atol, msg=name)
+        mine, theirs = got_weights[name], want_weights[name]
+        if name.endswith("qkv.bias"):
+            # The keys' bias gets no gradient in exact arithmetic (it adds the same q.b to all of a query's
+            # scores, which the softmax ignores): it holds rounding noise, which Adam scales up and which
+            # differs with the order of the sums. Only its size is compared.
+            keys = slice(len(theirs) // 3, 2 * len(theirs) // 3)
+            assert mine[keys].abs().max() < 1e-4 and theirs[keys].abs().max() < 1e-4, name
+            mine, theirs = mine.clone(), theirs.clone()
+            mine[keys] = theirs[keys] = 0
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=atol, msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 @pytest.mark.slow
@@ -92,11 +101,10 @@ def test_fsdp_matches_ddp_and_one_process_and_resumes_after_sigkill(config, tmp_
     assert summary["world_size"] == 2 and summary["parallel"] == "fsdp"
     for rank in ranks:  # both models sharded; the fused-linear path needs the whole output embedding
         assert rank["student"] and rank["teacher"] and rank["loss_path"] == "logits"
-    # DDP (on the logits path too) takes the same steps; one process with the global batch, to fp32 rounding
-    # (Adam's first steps amplify the last bits of some gradients: the biases of the attention's q and k).
+    # DDP (on the logits path too) takes the same steps; one process with the global batch, to fp32 rounding.
     assert_same_run(fsdp, distill(config, tmp_path / "ddp", "train.loss_path=logits"), atol=1e-6)
     assert_same_run(fsdp, distill(config, tmp_path / "single", "train.loss_path=logits", "train.batch_size=4",
-                                  processes=1), atol=1e-5)
+                                  processes=1), atol=1e-6)
     # each process holds half the student's parameters and optimizer state (up to padding of odd shapes)
     ddp_ranks = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text()) for r in range(2)]
     for key in ("parameter_bytes", "optimizer_state_bytes"):
