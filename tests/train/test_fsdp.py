@@ -90,7 +90,8 @@ def assert_same_run(got: Path, want: Path, atol: float) -> None:
             assert mine[keys].abs().max() < 1e-4 and theirs[keys].abs().max() < 1e-4, name
             mine, theirs = mine.clone(), theirs.clone()
             mine[keys] = theirs[keys] = 0
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=atol, msg=lambda detail, name=name: f"{name}: {detail}")
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=atol,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 @pytest.mark.slow
