@@ -1,5 +1,6 @@
-"""The vocabulary-parallel KD loss: :func:`vocab_parallel_kd_loss`, for logits sharded along the
-vocabulary (tensor-parallel lm_heads, Megatron-style).
+"""The vocabulary-parallel KD losses: :func:`vocab_parallel_kd_loss` and
+:func:`vocab_parallel_sparse_kd_loss`, for logits sharded along the vocabulary (tensor-parallel
+lm_heads, Megatron-style).
 
 Each rank holds a contiguous slice of every row's columns. The softmax of a row needs its
 normaliser over all slices, so each rank reduces its slice to a few per-row scalars (its
@@ -17,6 +18,14 @@ Collectives per forward call (none in backward):
   needs both global normalisers before its terms can be summed; the label's logit travels
   with those sums.
 
+vocab_parallel_sparse_kd_loss (a sparse teacher: ids and log-probs, the same on every rank): 2,
+with every option. The first carries the widths and each slice's per-row maximum and exp-sums;
+the second, once the offsets are known, the student's log-probs at the teacher ids each rank
+owns (K per row), the log of each slice's exp-sum outside the ids and its count of such
+columns (the rest and whether the ids cover the vocabulary), and the label's logit. The loss
+over the K + 1 categories is then the same on every rank, computed by the torch backend's
+sparse code on a (K + 1)-token vocabulary whose logits are the categories' log-probs.
+
 The per-shard work is plain torch ops over chunks of rows (no fused kernel yet): one pass over
 the slice for the statistics, one for the gradient (and one more for jsd's mixture sums). The
 widths are read on the host after the first collective: one device sync per call on a GPU.
@@ -33,15 +42,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import FORWARD_KL, JSD, REVERSE_KL, compute_dtype, jsd_weights
-from .backends.torch_fallback import CHUNK_ELEMENTS, jsd_log_ratios
+from .backends.torch_fallback import CHUNK_ELEMENTS, _sparse_chunk, jsd_log_ratios
 from .inputs import as_rows, check_inplace, check_labels, check_logits, check_num_items, check_same_tokens
 from .ops import GradientInForward, gradient_buffer
 from .options import LossOptions, loss_options
 from .reduction import ReductionWeights
+from .sparse import check_sparse_options, check_sparse_teacher, sparse_params
 
-__all__ = ["vocab_parallel_kd_loss"]
+__all__ = ["vocab_parallel_kd_loss", "vocab_parallel_sparse_kd_loss"]
 
 NAME = "vocab_parallel_kd_loss"
+SPARSE_NAME = "vocab_parallel_sparse_kd_loss"
 # The options whose every value is supported; any other option of LossOptions is accepted only at
 # its default (vocab_size is refused outright: the slices are the vocabulary).
 SUPPORTED_OPTIONS = ("temperature", "divergence", "beta", "ignore_index", "reduction", "scale_t2", "hard_weight",
@@ -50,30 +61,30 @@ SUPPORTED_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 SUPPORTED_BACKENDS = ("auto", "torch")
 
 
-def _check_options(opts: LossOptions, given: dict) -> None:
+def _check_options(opts: LossOptions, given: dict, name: str = NAME) -> None:
     if "vocab_size" in given:
-        raise ValueError(f"{NAME}() does not take vocab_size: each rank's slice is its part of the vocabulary, "
+        raise ValueError(f"{name}() does not take vocab_size: each rank's slice is its part of the vocabulary, "
                          "and the vocabulary is their concatenation; slice off padding columns before the call")
     unsupported = [f"{f.name}={getattr(opts, f.name)!r}" for f in fields(LossOptions)
                    if f.name not in SUPPORTED_OPTIONS and getattr(opts, f.name) != f.default]
     if unsupported:
-        raise ValueError(f"{NAME}() does not support {', '.join(unsupported)} (it supports "
+        raise ValueError(f"{name}() does not support {', '.join(unsupported)} (it supports "
                          f"{', '.join(SUPPORTED_OPTIONS)})")
     if opts.divergence not in SUPPORTED_DIVERGENCES:
-        raise ValueError(f"{NAME}() does not support divergence={opts.divergence!r} (it supports "
+        raise ValueError(f"{name}() does not support divergence={opts.divergence!r} (it supports "
                          f"{', '.join(map(repr, SUPPORTED_DIVERGENCES))})")
     if opts.backend not in SUPPORTED_BACKENDS:
-        raise ValueError(f"{NAME}() runs its per-shard work with torch ops, not a fused kernel: backend must be "
+        raise ValueError(f"{name}() runs its per-shard work with torch ops, not a fused kernel: backend must be "
                          f"'auto' or 'torch', got {opts.backend!r}")
 
 
-def _group_rank(group) -> tuple[int, int]:
+def _group_rank(group, name: str = NAME) -> tuple[int, int]:
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(f"{NAME}() needs an initialised torch.distributed process group "
+        raise RuntimeError(f"{name}() needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group)")
     rank = dist.get_rank(group)
     if rank < 0:
-        raise ValueError(f"{NAME}() was called on global rank {dist.get_rank()}, which is not a member of group")
+        raise ValueError(f"{name}() was called on global rank {dist.get_rank()}, which is not a member of group")
     return rank, dist.get_world_size(group)
 
 
@@ -107,31 +118,50 @@ def _centred(x: Tensor, row_max: Tensor, scale: float) -> Tensor:
 class _Stats:
     """Per-row statistics of this rank's slice, in float64: the rows of the first collective."""
 
-    def __init__(self, opts: LossOptions, code: int, hard: bool):
+    def __init__(self, opts: LossOptions, code: Optional[int], hard: bool, teacher: bool = True):
         self.opts, self.code = opts, code
-        self.names = ["max_s", "max_t", "sum_s", "sum_t"]
+        self.sides = 2 if teacher else 1  # the student's (and the teacher's) logits
+        self.names = ["max_s", "max_t", "sum_s", "sum_t"] if teacher else ["max_s", "sum_s"]
         if hard and opts.temperature != 1.0:
             self.names.append("sum_s1")  # the hard-label softmax is at T = 1
         if code in (FORWARD_KL, REVERSE_KL):
             self.names.append("cross")  # sum of exp * (log-ratio) on the slice
 
-    def local(self, s: Tensor, t: Tensor) -> list[Tensor]:
+    def local(self, s: Tensor, t: Optional[Tensor]) -> list[Tensor]:
         """The statistics of a (rows, width) chunk of this rank's slice, width possibly 0."""
         inv_temp = 1.0 / self.opts.temperature
         if s.shape[-1] == 0:
             empty = torch.full((s.shape[0],), -math.inf, dtype=torch.float64, device=s.device)
-            return [empty, empty] + [torch.zeros_like(empty)] * (len(self.names) - 2)
-        max_s, max_t = s.amax(-1), t.amax(-1)
-        v, u = _centred(s, max_s, inv_temp), _centred(t, max_t, inv_temp)
-        ev, eu = v.exp(), u.exp()
-        out = [max_s.double(), max_t.double(), ev.sum(-1, dtype=torch.float64), eu.sum(-1, dtype=torch.float64)]
+            return [empty] * self.sides + [torch.zeros_like(empty)] * (len(self.names) - self.sides)
+        logits = (s, t)[:self.sides]
+        maxes = [x.amax(-1) for x in logits]
+        centred = [_centred(x, m, inv_temp) for x, m in zip(logits, maxes)]
+        exps = [x.exp() for x in centred]
+        out = [m.double() for m in maxes] + [e.sum(-1, dtype=torch.float64) for e in exps]
         if "sum_s1" in self.names:
-            out.append(_centred(s, max_s, 1.0).exp_().sum(-1, dtype=torch.float64))
+            out.append(_centred(s, maxes[0], 1.0).exp_().sum(-1, dtype=torch.float64))
         if self.code == FORWARD_KL:
-            out.append(_weighted_sum(eu, u - v))
+            out.append(_weighted_sum(exps[1], centred[1] - centred[0]))
         elif self.code == REVERSE_KL:
-            out.append(_weighted_sum(ev, v - u))
+            out.append(_weighted_sum(exps[0], centred[0] - centred[1]))
         return out
+
+    def exchange(self, widths: list[int], student: Optional[Tensor], teacher: Optional[Tensor], n_rows: int,
+                 dtype: torch.dtype, device: torch.device, world: int, group) -> tuple[list[list[int]], Tensor]:
+        """The first collective: every rank's widths and statistics (world, len(names), rows), from
+        the (B, M, V) student (and teacher) rows a chunk at a time; student None (the widths differ): zeros,
+        sent all the same, so that every rank reaches the check of the widths and none waits."""
+        local = torch.zeros(len(self.names), n_rows, dtype=torch.float64, device=device)
+        if student is not None:
+            n_batch, n_per_batch, width = student.shape
+            for b, m0, m1, r0, r1 in _chunks(n_batch, n_per_batch, width):
+                t = None if teacher is None else teacher[b, m0:m1].to(dtype)
+                for i, value in enumerate(self.local(student[b, m0:m1].to(dtype), t)):
+                    local[i, r0:r1] = value
+        header = torch.tensor(widths, dtype=torch.float64, device=device)
+        gathered = _gather(torch.cat([header, local.reshape(-1)]), world, group)
+        return (gathered[:, :len(widths)].long().tolist(),
+                gathered[:, len(widths):].reshape(world, len(self.names), n_rows))
 
 
 class _Global:
@@ -140,11 +170,14 @@ class _Global:
     def __init__(self, stats: _Stats, gathered: Tensor, temperature: float):
         self.g = g = dict(zip(stats.names, gathered.unbind(1)))
         inv_temp = 1.0 / temperature
-        self.max_s, self.max_t = g["max_s"].amax(0), g["max_t"].amax(0)  # NaN propagates: undefined rows
-        self.undefined = ~(torch.isfinite(self.max_s) & torch.isfinite(self.max_t))
+        self.max_s = g["max_s"].amax(0)  # NaN propagates: undefined rows
+        self.undefined = ~torch.isfinite(self.max_s)
         # log p_j = (x_j - max_k) / T - c_k on slice k, with c_k = (max - max_k) / T + log Z.
         self.c_s, self.log_z_s = self._offsets(g["max_s"], self.max_s, g["sum_s"], inv_temp)
-        self.c_t, _ = self._offsets(g["max_t"], self.max_t, g["sum_t"], inv_temp)
+        if "max_t" in g:
+            self.max_t = g["max_t"].amax(0)
+            self.undefined |= ~torch.isfinite(self.max_t)
+            self.c_t, _ = self._offsets(g["max_t"], self.max_t, g["sum_t"], inv_temp)
         # The hard labels' softmax at T = 1 (the one at T when T = 1).
         self.c_s1, self.log_z_s1 = (self._offsets(g["max_s"], self.max_s, g["sum_s1"], 1.0) if "sum_s1" in g
                                     else (self.c_s, self.log_z_s))
@@ -166,13 +199,75 @@ class _Global:
         terms = mass * self.g["cross"] + slice_mass * (c_q - c_p)
         return torch.where(slice_mass > 0, terms, 0.0).sum(0)
 
+    def student_log_probs(self, s: Tensor, rank: int, r0: int, r1: int, inv_temp: float) -> Tensor:
+        """log p_s of this rank's logits s (rows r0:r1, any trailing width) from the global offsets."""
+        dtype = s.dtype
+        return _centred(s, self.g["max_s"][rank, r0:r1].to(dtype), inv_temp).sub_(
+            self.c_s[rank, r0:r1, None].to(dtype))
+
+    def row_flags(self, labels: Optional[Tensor], vocab: int, opts: LossOptions) -> tuple[Tensor, Tensor]:
+        """(ignored, undefined) per row; undefined: no softmax, or a label outside [0, V) (that gets
+        here only on a GPU, where labels are not checked on the host)."""
+        if labels is None:
+            return torch.zeros_like(self.undefined), self.undefined
+        ignored = labels == opts.ignore_index
+        return ignored, self.undefined | ~(ignored | ((labels >= 0) & (labels < vocab)))
+
 
 def _log_probs(s: Tensor, t: Tensor, glob: _Global, rank: int, r0: int, r1: int, inv_temp: float):
     """log p_s and log p_t on this rank's chunk of rows r0:r1, from the global offsets."""
     dtype = s.dtype
-    log_ps = _centred(s, glob.g["max_s"][rank, r0:r1].to(dtype), inv_temp).sub_(glob.c_s[rank, r0:r1, None].to(dtype))
     log_pt = _centred(t, glob.g["max_t"][rank, r0:r1].to(dtype), inv_temp).sub_(glob.c_t[rank, r0:r1, None].to(dtype))
-    return log_ps, log_pt
+    return glob.student_log_probs(s, rank, r0, r1, inv_temp), log_pt
+
+
+class _HardLabels:
+    """The hard-label term on this rank's (B, M, V_rank) slice: the label's logit, read by the rank
+    that owns its column (0 on the others: the second collective sums them), and its gradient."""
+
+    def __init__(self, student: Tensor, labels: Tensor, offset: int, coef: Tensor):
+        n_batch, n_per_batch, width = student.shape
+        local = labels - offset
+        self.owned = (local >= 0) & (local < width)
+        self.local = torch.where(self.owned, local, 0)
+        self.coef = coef
+        self.logit = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device)
+        if width > 0:
+            picked = student.gather(-1, self.local.view(n_batch, n_per_batch, 1)).reshape(-1).double()
+            self.logit = torch.where(self.owned, picked, 0.0)
+
+    def add_gradient(self, g: Tensor, s: Tensor, glob: _Global, rank: int, r0: int, r1: int) -> None:
+        """g += coef * (softmax(s) - onehot(label)) on the chunk s of rows r0:r1."""
+        dtype = s.dtype
+        p1 = _centred(s, glob.g["max_s"][rank, r0:r1].to(dtype), 1.0).sub_(glob.c_s1[rank, r0:r1, None].to(dtype))
+        p1 = p1.exp_().scatter_add_(-1, self.local[r0:r1, None], -self.owned[r0:r1, None].to(dtype))
+        g.add_(p1.mul_(self.coef.to(dtype)))
+
+    @staticmethod
+    def cross_entropy(glob: _Global, label_logit: Tensor, ignored: Tensor, undefined: Tensor) -> Tensor:
+        """The rows' cross-entropy at T = 1, log Z1 + max - s_label, from the summed label logits."""
+        return torch.where(ignored, 0.0, torch.where(undefined, math.nan, glob.max_s + glob.log_z_s1 - label_logit))
+
+
+class _GradientWriter:
+    """Writes each chunk's gradient into grad from d_kd = d(kd_row)/d(s / T), plus the hard part's."""
+
+    def __init__(self, grad: Tensor, kd_scale: Tensor, ignored: Tensor, hard: Optional[_HardLabels], glob: _Global,
+                 rank: int):
+        self.grad, self.kd_scale, self.ignored, self.hard, self.glob, self.rank = \
+            grad, kd_scale, ignored, hard, glob, rank
+
+    def __call__(self, d_kd: Tensor, s: Tensor, b: int, m0: int, m1: int, r0: int, r1: int) -> None:
+        g = d_kd.mul_(self.kd_scale[r0:r1, None])
+        if self.hard is not None:
+            self.hard.add_gradient(g, s, self.glob, self.rank, r0, r1)
+        g[self.ignored[r0:r1]] = 0.0  # ignored rows get no gradient, whatever their logits hold
+        self.grad[b, m0:m1] = g
+
+
+def _kd_scale(weights: ReductionWeights, undefined: Tensor, inv_temp: float, dtype: torch.dtype) -> Tensor:
+    """The per-row factor of d(kd_row)/d(s / T) in the gradient: NaN for undefined rows."""
+    return torch.where(undefined, math.nan, weights.grad_coefs[0].double() * inv_temp).to(dtype)
 
 
 class _VocabParallelFunction(GradientInForward):
@@ -180,8 +275,8 @@ class _VocabParallelFunction(GradientInForward):
 
     @staticmethod
     def forward(ctx, student: Tensor, grad: Optional[Tensor], kd_rows: Tensor, ce_rows: Tensor,
-                weights: ReductionWeights, expected_grad_output: float, per_row: bool):
-        return GradientInForward.finish(ctx, NAME, grad, kd_rows, ce_rows, weights, expected_grad_output, "torch",
+                weights: ReductionWeights, expected_grad_output: float, per_row: bool, name: str):
+        return GradientInForward.finish(ctx, name, grad, kd_rows, ce_rows, weights, expected_grad_output, "torch",
                                         per_row)
 
 
@@ -192,7 +287,6 @@ def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: t
     """The slice's weighted gradient (or None), the row losses and the reduction weights, from the
     (B, M, V) student and teacher rows (None when their widths differ: then every rank raises)."""
     rank, world = _group_rank(group)
-    width_s, width_t = widths
     code = opts.kernel_params.divergence
     hard = opts.hard_weight > 0
     inv_temp = 1.0 / opts.temperature
@@ -200,15 +294,7 @@ def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: t
     n_rows = math.prod(lead_shape)
 
     # 1. This slice's statistics, its widths in front, in the first collective.
-    local = torch.zeros(len(stats.names), n_rows, dtype=torch.float64, device=device)
-    if student is not None:
-        n_batch, n_per_batch, width = student.shape
-        for b, m0, m1, r0, r1 in _chunks(n_batch, n_per_batch, width):
-            for i, value in enumerate(stats.local(student[b, m0:m1].to(dtype), teacher[b, m0:m1].to(dtype))):
-                local[i, r0:r1] = value
-    header = torch.tensor([width_s, width_t], dtype=torch.float64, device=device)
-    gathered = _gather(torch.cat([header, local.reshape(-1)]), world, group)
-    widths = gathered[:, :2].long().tolist()
+    widths, gathered = stats.exchange(list(widths), student, teacher, n_rows, dtype, device, world, group)
     mismatched = [k for k, (ws, wt) in enumerate(widths) if ws != wt]
     if mismatched:
         raise ValueError("student_logits and teacher_logits must have the same width on every rank; (student, "
@@ -217,41 +303,19 @@ def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: t
     if vocab == 0:
         raise ValueError("student_logits and teacher_logits have an empty vocabulary dimension on every rank (V=0)")
     offset = sum(w for w, _ in widths[:rank])
+    n_batch, n_per_batch, width = student.shape
     labels = check_labels(labels, lead_shape, device, vocab, opts)
-    glob = _Global(stats, gathered[:, 2:].reshape(world, len(stats.names), n_rows), opts.temperature)
-    if labels is None:
-        ignored = out_of_range = torch.zeros(n_rows, dtype=torch.bool, device=device)
-    else:  # a label outside [0, V) gets here only on a GPU (checked on the CPU): its row is NaN
-        ignored = labels == opts.ignore_index
-        out_of_range = ~(ignored | ((labels >= 0) & (labels < vocab)))
-    undefined = glob.undefined | out_of_range
+    glob = _Global(stats, gathered, opts.temperature)
+    ignored, undefined = glob.row_flags(labels, vocab, opts)
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, dtype, num_items_in_batch)
-    kd_scale = torch.where(undefined, math.nan, weights.grad_coefs[0].double() * inv_temp).to(dtype)
 
     second = []  # what the second collective sums over the ranks
-    if hard:
-        # The label's logit, read by the rank that owns its column.
-        local_label = labels - offset
-        owned = (local_label >= 0) & (local_label < width)
-        local_label = torch.where(owned, local_label, 0)
-        label_logit = torch.zeros(n_rows, dtype=torch.float64, device=device)
-        if width > 0:
-            picked = student.gather(-1, local_label.view(n_batch, n_per_batch, 1)).reshape(-1).double()
-            label_logit = torch.where(owned, picked, 0.0)
-    grad = None
+    hard_labels = _HardLabels(student, labels, offset, weights.grad_coefs[1]) if hard else None
+    grad = write_gradient = None
     if want_grad:
         grad = student if opts.inplace_backward else gradient_buffer(student, "torch")
-
-    def write_gradient(d_kd: Tensor, s: Tensor, b: int, m0: int, m1: int, r0: int, r1: int) -> None:
-        """The chunk's gradient from d_kd = d(kd_row)/d(s / T), plus the hard part's."""
-        g = d_kd.mul_(kd_scale[r0:r1, None])
-        if hard:
-            max_s = glob.g["max_s"][rank, r0:r1].to(dtype)
-            p1 = _centred(s, max_s, 1.0).sub_(glob.c_s1[rank, r0:r1, None].to(dtype)).exp_()
-            p1.scatter_add_(-1, local_label[r0:r1, None], -owned[r0:r1, None].to(dtype))
-            g.add_(p1.mul_(weights.grad_coefs[1].to(dtype)))
-        g[ignored[r0:r1]] = 0.0  # ignored rows get no gradient, whatever their logits hold
-        grad[b, m0:m1] = g
+        write_gradient = _GradientWriter(grad, _kd_scale(weights, undefined, inv_temp, dtype), ignored, hard_labels,
+                                         glob, rank)
 
     def chunks():
         """This rank's chunks of rows with their log-probabilities; none for an empty slice."""
@@ -286,7 +350,7 @@ def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: t
             student_kl_mix[r0:r1] = -_weighted_sum(log_ps.exp(), student_vs_mix)
         second = [teacher_kl_mix, student_kl_mix]
     if hard:
-        second.append(label_logit)
+        second.append(hard_labels.logit)
 
     if second:
         summed = _gather(torch.stack(second), world, group).sum(0)  # summed in the same order on every rank
@@ -303,9 +367,7 @@ def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: t
                     write_gradient(d_kd, s, b, m0, m1, r0, r1)
 
     kd = torch.where(ignored, 0.0, torch.where(undefined, math.nan, kd))
-    ce = torch.zeros_like(kd)
-    if hard:  # at T = 1: log Z1 + max - s_label
-        ce = torch.where(ignored, 0.0, torch.where(undefined, math.nan, glob.max_s + glob.log_z_s1 - summed[-1]))
+    ce = _HardLabels.cross_entropy(glob, summed[-1], ignored, undefined) if hard else torch.zeros_like(kd)
     return grad, kd.to(dtype), ce.to(dtype), weights
 
 
@@ -347,5 +409,141 @@ def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, gr
                                                student_logits.device, labels, opts, group, num_items_in_batch,
                                                want_grad)
     loss, kd_rows, ce_rows = _VocabParallelFunction.apply(student, grad, kd_rows, ce_rows, weights,
-                                                          opts.expected_grad_output, opts.reduction == "none")
+                                                          opts.expected_grad_output, opts.reduction == "none", NAME)
+    return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
+
+
+def _category_divergence(log_pk: Tensor, log_rest: Tensor, covers: Tensor, valid: Tensor, log_q: Tensor,
+                         opts: LossOptions, tail: str, tolerance: float, want_grad: bool) -> tuple[Tensor, Tensor]:
+    """(kd per row, d(kd)/dz) over the categories of sparse_kd_loss: the K ids (log-probs log_pk,
+    float64, all ranks' columns) and the rest (log_rest; none where the ids cover the vocabulary).
+    It is sparse_kd_loss over a (K + 1)-token vocabulary whose logits z at T = 1 are the categories'
+    log-probs, the ids being its first K tokens (and the last one where they cover the vocabulary,
+    with no teacher mass: no rest), so the torch backend's code gives both. A student token j of the
+    rest has d(kd)/d(s_j / T) = (p_j / p_rest) dz_rest; one at slot k, dz_k."""
+    n_rows, k = log_pk.shape
+    z = torch.cat([torch.where(valid, log_pk, -math.inf), torch.where(covers, -math.inf, log_rest)[:, None]], -1)
+    slots = torch.arange(k + 1, device=z.device).expand(n_rows, k + 1)
+    ids = torch.where(torch.cat([valid, covers[:, None]], -1), slots, -1)
+    log_qz = torch.cat([log_q.double(), z.new_full((n_rows, 1), -math.inf)], -1)
+    params = sparse_params(opts, tail, tolerance)._replace(temperature=1.0, hard=False, student_scale=1.0,
+                                                           student_cap=0.0)
+    kd, _, dz = _sparse_chunk(z, ids, log_qz, None, z.new_ones(2), params, want_grad)
+    return kd, dz
+
+
+@torch.no_grad()
+def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, lead_shape: torch.Size,
+                    labels: Optional[Tensor], opts: LossOptions, tail: str, group, num_items_in_batch,
+                    want_grad: bool):
+    """The slice's weighted gradient (or None), the row losses and the reduction weights of the
+    sparse loss, from the (B, M, V_rank) student rows."""
+    rank, world = _group_rank(group, SPARSE_NAME)
+    n_batch, n_per_batch, width = student.shape
+    dtype, device = compute_dtype(student.dtype, teacher_logprobs.dtype), student.device
+    hard = opts.hard_weight > 0
+    inv_temp = 1.0 / opts.temperature
+    stats = _Stats(opts, None, hard, teacher=False)
+    n_rows = math.prod(lead_shape)
+
+    # 1. The widths, and each slice's maximum and exp-sums per row.
+    widths, gathered = stats.exchange([width], student, None, n_rows, dtype, device, world, group)
+    vocab = sum(w for (w,) in widths)
+    if vocab == 0:
+        raise ValueError("student_logits has an empty vocabulary dimension on every rank (V=0)")
+    offset = sum(w for (w,) in widths[:rank])
+    labels = check_labels(labels, lead_shape, device, vocab, opts)
+    ids, logprobs, tolerance = check_sparse_teacher(teacher_ids, teacher_logprobs, lead_shape, vocab, device)
+    ids = ids.long()
+    glob = _Global(stats, gathered, opts.temperature)
+    ignored, undefined = glob.row_flags(labels, vocab, opts)
+    undefined = undefined | ((ids < -1) | (ids >= vocab)).any(-1)  # only on a GPU: not checked on the host
+    weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, dtype, num_items_in_batch)
+
+    # 2. The log-probs at the ids this rank owns, and its columns outside the ids: their log exp-sum and count.
+    k = ids.shape[-1]
+    local_ids = ids - offset
+    owned = (ids >= 0) & (local_ids >= 0) & (local_ids < width)
+    slot = torch.where(owned, local_ids, width)  # not owned: a column past the slice, dropped
+    log_pk = torch.zeros(k, n_rows, dtype=torch.float64, device=device)
+    log_rest = torch.full((n_rows,), -math.inf, dtype=torch.float64, device=device)
+    n_rest = torch.zeros(n_rows, dtype=torch.float64, device=device)
+    hard_labels = _HardLabels(student, labels, offset, weights.grad_coefs[1]) if hard else None
+
+    def chunks():
+        """This rank's chunks of rows, their log-probabilities and which columns are ids; none for an empty slice."""
+        if width == 0:
+            return
+        for b, m0, m1, r0, r1 in _chunks(n_batch, n_per_batch, width):
+            s = student[b, m0:m1].to(dtype)
+            in_ids = torch.zeros(r1 - r0, width + 1, dtype=torch.bool, device=device)
+            in_ids = in_ids.scatter_(-1, slot[r0:r1], True)[:, :width]
+            yield s, glob.student_log_probs(s, rank, r0, r1, inv_temp), in_ids, b, m0, m1, r0, r1
+
+    for s, log_p, in_ids, b, m0, m1, r0, r1 in chunks():
+        picked = student[b, m0:m1].gather(-1, torch.where(owned[r0:r1], local_ids[r0:r1], 0)).double()
+        log_pk[:, r0:r1] = torch.where(owned[r0:r1], glob.student_log_probs(picked, rank, r0, r1, inv_temp), 0.0).T
+        log_rest[r0:r1] = log_p.masked_fill(in_ids, -math.inf).logsumexp(-1).double()
+        n_rest[r0:r1] = (~in_ids).sum(-1)
+    second = [log_pk, log_rest[None], n_rest[None]] + ([hard_labels.logit[None]] if hard else [])
+    gathered = _gather(torch.cat(second), world, group)  # (world, K + 2 (+ 1), rows), in the same order everywhere
+    log_pk = gathered[:, :k].sum(0).T  # one owner per id: the others add 0
+    log_rest = gathered[:, k].logsumexp(0)
+    covers = gathered[:, k + 1].sum(0) == 0
+
+    # 3. The divergence over the categories, the same on every rank, and this slice's gradient.
+    valid = ids >= 0
+    kd, dz = _category_divergence(log_pk, log_rest, covers, valid, logprobs, opts, tail, tolerance, want_grad)
+    grad = None
+    if want_grad:
+        grad = student if opts.inplace_backward else gradient_buffer(student, "torch")
+        write_gradient = _GradientWriter(grad, _kd_scale(weights, undefined, inv_temp, dtype), ignored, hard_labels,
+                                         glob, rank)
+        for s, log_p, in_ids, b, m0, m1, r0, r1 in chunks():
+            share = (log_p - log_rest[r0:r1, None].to(dtype)).exp()  # p_j / p_rest
+            rest_share = torch.where(in_ids | (log_p == -math.inf), 0.0, share)
+            d_kd = torch.cat([rest_share.mul_(dz[r0:r1, k:].to(dtype)), rest_share.new_zeros(r1 - r0, 1)], -1)
+            d_kd = d_kd.scatter_(-1, slot[r0:r1], dz[r0:r1, :k].to(dtype))[:, :width]
+            write_gradient(d_kd, s, b, m0, m1, r0, r1)
+
+    kd = torch.where(ignored, 0.0, torch.where(undefined, math.nan, kd))
+    ce = _HardLabels.cross_entropy(glob, gathered[:, -1].sum(0), ignored, undefined) if hard else torch.zeros_like(kd)
+    return grad, kd.to(dtype), ce.to(dtype), weights
+
+
+def vocab_parallel_sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, teacher_logprobs: Tensor, *,
+                                  group=None, labels: Optional[Tensor] = None, tail: str = "bucket",
+                                  num_items_in_batch=None, return_parts: bool = False, **options):
+    """:func:`kdfast.sparse_kd_loss` on student logits sharded along the vocabulary across the ranks
+    of ``group`` (default: the world).
+
+    Each rank passes its contiguous slice of the student's vocabulary, (..., V_rank) logits, group
+    rank 0 holding the first columns; slices may differ in width (one may be empty).
+    ``teacher_ids`` (global token ids, -1: an empty slot), ``teacher_logprobs`` (both (..., K))
+    and ``labels`` are the same full tensors on every rank; each rank reads the student's logits at
+    the ids (and labels) in its columns. Every rank returns the same loss as ``sparse_kd_loss`` on
+    the concatenated logits, and backward gives each rank d(loss)/d(its slice) (neither summed over
+    the ranks nor divided by their number). ``tail`` and ``options`` are sparse_kd_loss's, with the
+    same meaning and edge behaviour, except ``backend`` ("auto" or "torch" only: the per-shard work
+    is torch ops) and the logit transforms (softcap, logit_scale: refused). Every rank must call it
+    with the same leading shape, options, ids, log-probs and labels.
+
+    Collectives per call: 2 (all_gather of one float64 tensor each); none in backward. Only
+    per-row scalars and K values per row travel.
+    """
+    opts = loss_options(SPARSE_NAME, options, ("group", "labels", "tail", "num_items_in_batch", "return_parts"))
+    _check_options(opts, options, SPARSE_NAME)
+    check_sparse_options(opts, tail)
+    check_logits("student_logits", student_logits)
+    num_items_in_batch = check_num_items(num_items_in_batch, opts)
+    want_grad = student_logits.requires_grad and torch.is_grad_enabled()
+    lead_shape = student_logits.shape[:-1]
+    (student,) = as_rows(student_logits)  # outside no_grad: autograd must see the rows as a view of student_logits
+    if opts.inplace_backward and want_grad:
+        check_inplace(student_logits, student, teacher_logprobs)
+    grad, kd_rows, ce_rows, weights = _sparse_forward(student, teacher_ids, teacher_logprobs, lead_shape, labels,
+                                                      opts, tail, group, num_items_in_batch, want_grad)
+    loss, kd_rows, ce_rows = _VocabParallelFunction.apply(student, grad, kd_rows, ce_rows, weights,
+                                                          opts.expected_grad_output, opts.reduction == "none",
+                                                          SPARSE_NAME)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)

@@ -1,11 +1,13 @@
-"""kdfast.distributed.vocab_parallel_kd_loss with 2 and 3 gloo processes on the CPU.
+"""kdfast.distributed.vocab_parallel_kd_loss and vocab_parallel_sparse_kd_loss with 2 and 3 gloo
+processes on the CPU.
 
 Each world runs once (vocab_parallel_worker.py, one process per rank, uneven widths; with 3,
 also the sub-group of ranks {0, 2}); every case's loss and every rank's gradient slice is
 checked there against the float64 reference on the full logits (1e-5 relative in fp32; a bf16
 student's gradient may differ by three times what rounding the reference to bf16 costs, on
 top), and the tests here read the results: per divergence, the edge cases, the same loss on
-every rank, and the collective calls counted in forward and backward.
+every rank, and the collective calls counted in forward and backward. The sparse loss's cases
+("sparse-" after the prefix) are checked the same way against sparse_kd_loss_reference.
 """
 
 import json
@@ -18,10 +20,11 @@ import pytest
 import torch
 
 from kdfast import distributed
-from kdfast.distributed import vocab_parallel_kd_loss
+from kdfast.distributed import vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss
 
 WORKER = Path(__file__).resolve().parent / "vocab_parallel_worker.py"
 SEED = int(os.environ.get("KDFAST_TEST_SEED", int.from_bytes(os.urandom(4), "little")))
+SPARSE = "sparse-"  # the sparse loss's cases: prefix + SPARSE + name
 DIVERGENCES = ["forward_kl-0.5", "reverse_kl-0.5", "jsd-0.5", "jsd-0.1", "jsd-0.0", "jsd-1.0"]
 # (world size, case-name prefix, the group's global ranks)
 GROUPS = [(2, "world-", (0, 1)), (3, "world-", (0, 1, 2)), (3, "subgroup-", (0, 2))]
@@ -81,7 +84,7 @@ def test_edge_cases_match_reference(runs, world, prefix, ranks):
     that every rank reports, return_parts against kd_loss, and a NaN logit on one rank making its
     row NaN on every rank."""
     cases = {key: r for key, r in _cases(runs, world, prefix, ranks).items()
-             if not any(key[1].startswith(prefix + d) for d in DIVERGENCES)}
+             if not any(key[1].startswith(prefix + d) for d in DIVERGENCES + [SPARSE])}
     names = {case[len(prefix):] for _, case in cases}
     assert {"labels-on-last-rank", "all-ignored-mean", "padded-last-rank-jsd", "teacher-padding-forward_kl", "strided",
             "inplace-backward", "empty-slice", "width-mismatch", "float64", "parts-and-kd-loss"} <= names
@@ -119,6 +122,43 @@ def test_collective_calls(runs, world, prefix, ranks):
         assert result["forward_calls"] == ["all_gather_single"] * _expected_forward_calls(name), (rank, case)
         assert result["backward_calls"] == [], (rank, case)
     assert counted == 6 * 8 * len(ranks)
+
+
+@pytest.mark.parametrize("world,prefix,ranks", GROUPS, ids=GROUP_IDS)
+def test_sparse_matches_reference_in_two_collectives(runs, world, prefix, ranks):
+    """vocab_parallel_sparse_kd_loss: forward_kl, reverse_kl and jsd (beta 0.5, 0.1) with the bucket
+    tail at three reductions, with hard labels, and with ids covering the vocabulary; renorm and raw;
+    ids only on the first rank's columns, labels only on the last's, all rows ignored, no labels,
+    strided rows, num_items_in_batch, expected_grad_output, inplace_backward, an empty slice, a bf16
+    and a float64 student; empty slots and an all-empty row throughout; return_parts against
+    sparse_kd_loss, and a NaN logit on one rank making its row NaN on every rank. 2 collectives in
+    forward, none in backward."""
+    cases = _cases(runs, world, prefix + SPARSE, ranks)
+    names = {case[len(prefix + SPARSE):] for _, case in cases}
+    assert {f"{d}-{r}" for d in ("forward_kl-0.5", "reverse_kl-0.5", "jsd-0.5", "jsd-0.1")
+            for r in ("batchmean", "sum", "none", "hard", "covering")} <= names
+    assert {"renorm", "raw-hard-T1", "ids-on-first-rank", "labels-on-last-rank", "all-ignored", "strided",
+            "inplace-backward", "empty-slice", "bf16", "float64", "parts-and-sparse-kd-loss"} <= names
+    _assert_no_errors(cases)
+    for (rank, case), result in cases.items():
+        if case.endswith("parts-and-sparse-kd-loss"):  # several calls, no counts
+            continue
+        assert result["forward_calls"] == ["all_gather_single"] * 2, (rank, case)
+        assert result["backward_calls"] == [], (rank, case)
+
+
+def test_sparse_refuses_unsupported_options():
+    s, ids, logprobs = torch.randn(2, 5), torch.tensor([[0, 1], [2, -1]]), torch.full((2, 2), -1.0)
+    with pytest.raises(ValueError, match=r"vocab_parallel_sparse_kd_loss\(\) does not support softcap="):
+        vocab_parallel_sparse_kd_loss(s, ids, logprobs, softcap=2.0)
+    with pytest.raises(ValueError, match="backend must be 'auto' or 'torch'"):
+        vocab_parallel_sparse_kd_loss(s, ids, logprobs, backend="cpu")
+    with pytest.raises(ValueError, match="tail='raw' is defined for divergence='forward_kl' only"):
+        vocab_parallel_sparse_kd_loss(s, ids, logprobs, tail="raw", divergence="jsd")
+    with pytest.raises(ValueError, match="reduction"):
+        vocab_parallel_sparse_kd_loss(s, ids, logprobs, reduction="mean")
+    with pytest.raises(RuntimeError, match=r"vocab_parallel_sparse_kd_loss\(\) needs an initialised"):
+        vocab_parallel_sparse_kd_loss(s, ids, logprobs)
 
 
 def test_refuses_vocab_size_and_other_backends():

@@ -4,8 +4,9 @@
 
 Every rank builds the same full logits, takes its slice of the columns, and checks
 vocab_parallel_kd_loss's loss and its own gradient slice against the float64 reference on the
-full logits, case by case; each case's error (or "") goes to OUT_DIR/rank{RANK}.json, with the
-loss and the collective calls counted in forward and in backward.
+full logits, case by case (and vocab_parallel_sparse_kd_loss's against sparse_kd_loss_reference);
+each case's error (or "") goes to OUT_DIR/rank{RANK}.json, with the loss and the collective calls
+counted in forward and in backward.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for help
 from helpers import make_labels, make_logits, rel_err  # noqa: E402
 
 import kdfast  # noqa: E402
-from kdfast.distributed import vocab_parallel_kd_loss  # noqa: E402
-from kdfast.reference import kd_loss_reference  # noqa: E402
+from kdfast.distributed import vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss  # noqa: E402
+from kdfast.reference import kd_loss_reference, sparse_kd_loss_reference  # noqa: E402
 
 # Every public torch.distributed function that communicates; each call is counted.
 COLLECTIVES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_gather_object", "all_gather_coalesced",
@@ -59,21 +60,26 @@ def split(widths, x):
 
 
 def check(name, results, rank, member_rank, widths, s_full, t_full, *, group=None, labels=None, grad_scale=None,
-          loss_tol=None, grad_tol=None, slicer=None, inplace=False, **options):
-    """vocab_parallel_kd_loss on this rank's slice against the reference on the full logits."""
+          loss_tol=None, grad_tol=None, slicer=None, inplace=False, sparse=None, **options):
+    """vocab_parallel_kd_loss on this rank's slice against the reference on the full logits; with
+    sparse=(ids, logprobs) and t_full None, vocab_parallel_sparse_kd_loss against its reference."""
     try:
         dtype = s_full.dtype
         s_part = split(widths, s_full)[member_rank].detach().clone()
-        t_part = split(widths, t_full)[member_rank]
+        t_part = None if sparse else split(widths, t_full)[member_rank]
         leaf = s_part.requires_grad_() if slicer is None else s_part
         if slicer is not None:  # strided views of a bigger tensor
             big = slicer(s_part)
             leaf = big.requires_grad_()
-            s_in, t_in = slicer.view(big), slicer.view(slicer(t_part))
+            s_in, t_in = slicer.view(big), None if sparse else slicer.view(slicer(t_part))
         else:
             s_in, t_in = (leaf * 1.0 if inplace else leaf), t_part  # inplace_backward needs a non-leaf
         CALLS.clear()
-        loss = vocab_parallel_kd_loss(s_in, t_in, group=group, labels=labels, inplace_backward=inplace, **options)
+        if sparse:
+            loss = vocab_parallel_sparse_kd_loss(s_in, *sparse, group=group, labels=labels, inplace_backward=inplace,
+                                                 **options)
+        else:
+            loss = vocab_parallel_kd_loss(s_in, t_in, group=group, labels=labels, inplace_backward=inplace, **options)
         forward_calls = list(CALLS)
         scale = torch.ones(()) if grad_scale is None else grad_scale
         CALLS.clear()
@@ -86,7 +92,10 @@ def check(name, results, rank, member_rank, widths, s_full, t_full, *, group=Non
                                                                       "backend", "num_items_in_batch")}
         if "num_items_in_batch" in options:  # kd_loss(..., num_items_in_batch=n) = kd_loss(..., "sum") / n
             ref_options["reduction"] = "sum"
-        ref = kd_loss_reference(ref_leaf, t_full, labels=labels, **ref_options)
+        if sparse:
+            ref = sparse_kd_loss_reference(ref_leaf, *sparse, labels=labels, **ref_options)
+        else:
+            ref = kd_loss_reference(ref_leaf, t_full, labels=labels, **ref_options)
         ref = ref / options.get("num_items_in_batch", 1)
         (ref * scale.double()).sum().backward()
         ref_grad = split(widths, ref_leaf.grad)[member_rank]
@@ -120,22 +129,34 @@ def outcome(name, results, run):
     results[name] = {"error": error}
 
 
-def parts_and_nan_rows(member_rank, widths, s, t, labels, group) -> str:
+def parts_and_nan_rows(member_rank, widths, s, t, labels, group, sparse=None) -> str:
     """return_parts against kd_loss on the full logits, and a row holding NaN on the last rank
-    only: NaN on every rank (loss and gradient), as kd_loss gives, the other rows unchanged."""
+    only: NaN on every rank (loss and gradient), as kd_loss gives, the other rows unchanged; with
+    sparse=(ids, logprobs), the sparse loss against sparse_kd_loss."""
     options = dict(labels=labels, divergence="jsd", beta=0.3, hard_weight=0.4, temperature=2.0)
-    got = vocab_parallel_kd_loss(split(widths, s)[member_rank], split(widths, t)[member_rank], group=group,
-                                 return_parts=True, **options)
-    want = kdfast.kd_loss(s, t, return_parts=True, backend="torch", **options)
+    if sparse:
+        def ours(part, **kwargs):
+            return vocab_parallel_sparse_kd_loss(part, *sparse, group=group, **kwargs)
+
+        def theirs(full, **kwargs):
+            return kdfast.sparse_kd_loss(full, *sparse, backend="torch", **kwargs)
+    else:
+        def ours(part, **kwargs):
+            return vocab_parallel_kd_loss(part, split(widths, t)[member_rank], group=group, **kwargs)
+
+        def theirs(full, **kwargs):
+            return kdfast.kd_loss(full, t, backend="torch", **kwargs)
+    got = ours(split(widths, s)[member_rank], return_parts=True, **options)
+    want = theirs(s, return_parts=True, **options)
     for part, a, b in zip(("loss", "kd", "hard"), got, want):
         if rel_err(a, b) > FP32_TOL:
             return f"{part}: {a.item()} vs kd_loss {b.item()}"
     nan_s = s.clone()
     nan_s[1, 2, -1] = math.nan
     leaf = split(widths, nan_s)[member_rank].clone().requires_grad_()
-    rows = vocab_parallel_kd_loss(leaf, split(widths, t)[member_rank], group=group, reduction="none", **options)
+    rows = ours(leaf, reduction="none", **options)
     rows.sum().backward()
-    want = kdfast.kd_loss(nan_s, t, reduction="none", backend="torch", **options)
+    want = theirs(nan_s, reduction="none", **options)
     nan_row = torch.zeros(rows.shape, dtype=torch.bool)
     nan_row[1, 2] = labels[1, 2] != -100
     if not (torch.equal(rows.isnan(), nan_row) and torch.equal(want.isnan(), nan_row)):
@@ -231,6 +252,82 @@ def run_cases(results, rank, member_rank, widths, group, prefix, seed):
           divergence="jsd", beta=0.7, hard_weight=0.5, loss_tol=1e-10, grad_tol=1e-10)
 
 
+def sparse_teacher(gen, t, k, temperature, columns=None):
+    """k distinct random ids per row (from columns, default the whole vocabulary, so they fall on
+    several ranks) and the teacher's log-probabilities there at the temperature; two empty slots
+    (-1) in one row, and one row with every slot empty."""
+    lead, vocab = t.shape[:-1], t.shape[-1]
+    lo, hi = columns or (0, vocab)
+    ids = torch.rand((*lead, hi - lo), generator=gen).argsort(-1)[..., :k] + lo
+    logprobs = torch.log_softmax(t.double() / temperature, -1).gather(-1, ids).float()
+    if k < vocab:
+        ids[0, 1, -2:] = -1
+        ids[2, 3] = -1
+    return ids, logprobs.masked_fill(ids < 0, -math.inf)
+
+
+SPARSE_DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1)]
+
+
+def run_sparse_cases(results, rank, member_rank, widths, group, prefix, seed):
+    """vocab_parallel_sparse_kd_loss: every divergence and tail, hard labels (on any rank's columns),
+    ignored rows, empty slots, ids covering the vocabulary or on one rank only, and the options."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = sum(widths)
+    lead = (3, 5)
+    s, t = make_logits(gen, (*lead, vocab))
+    labels = make_labels(gen, lead, vocab)
+    teacher = sparse_teacher(gen, t, 6, 2.0)
+    for divergence, beta in SPARSE_DIVERGENCES:
+        for reduction in ("batchmean", "sum", "none"):
+            grad_scale = torch.rand(lead if reduction == "none" else (), generator=gen, dtype=torch.float64) + 0.5
+            check(f"{prefix}{divergence}-{beta}-{reduction}", results, rank, member_rank, widths, s, None,
+                  sparse=teacher, group=group, labels=labels, temperature=2.0, divergence=divergence, beta=beta,
+                  reduction=reduction, grad_scale=grad_scale)
+        check(f"{prefix}{divergence}-{beta}-hard", results, rank, member_rank, widths, s, None, sparse=teacher,
+              group=group, labels=labels, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.7,
+              soft_weight=0.3, scale_t2=False)
+        # The ids cover the vocabulary: no rest (K = V).
+        check(f"{prefix}{divergence}-{beta}-covering", results, rank, member_rank, widths, s, None,
+              sparse=sparse_teacher(gen, t, vocab, 1.0), group=group, labels=labels, divergence=divergence,
+              beta=beta, hard_weight=0.2)
+    for tail in ("renorm", "raw"):
+        check(f"{prefix}{tail}", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+              labels=labels, temperature=2.0, tail=tail)
+        check(f"{prefix}{tail}-hard-T1", results, rank, member_rank, widths, s, None,
+              sparse=sparse_teacher(gen, t, 5, 1.0), group=group, labels=labels, tail=tail, hard_weight=0.5)
+    # Ids on the first rank's columns only; labels on the last rank's only (the others read none).
+    check(f"{prefix}ids-on-first-rank", results, rank, member_rank, widths, s, None,
+          sparse=sparse_teacher(gen, t, 4, 2.0, (0, widths[0])), group=group, labels=labels, temperature=2.0,
+          divergence="jsd", beta=0.3)
+    owned = torch.randint(vocab - widths[-1], vocab, lead, generator=gen)
+    owned[0, 0] = -100
+    check(f"{prefix}labels-on-last-rank", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          labels=owned, hard_weight=1.0, temperature=2.0, divergence="reverse_kl")
+    check(f"{prefix}all-ignored", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          labels=torch.full(lead, -100), hard_weight=1.0, loss_tol=0.0, grad_tol=0.0)
+    check(f"{prefix}nolabels", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          divergence="jsd", temperature=2.0)
+    check(f"{prefix}strided", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          labels=labels, slicer=Strided(), temperature=2.0, hard_weight=0.3)
+    check(f"{prefix}num-items", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          labels=labels, num_items_in_batch=40, temperature=2.0, divergence="reverse_kl")
+    check(f"{prefix}expected-grad-output", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          labels=labels, temperature=2.0, expected_grad_output=0.25,
+          grad_scale=torch.tensor(0.25, dtype=torch.float64), hard_weight=0.5)
+    check(f"{prefix}inplace-backward", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+          labels=labels, inplace=True, temperature=2.0, divergence="jsd", beta=0.6, hard_weight=0.4)
+    empty = [vocab // 2, 0, vocab - vocab // 2] if len(widths) == 3 else [vocab, 0]
+    check(f"{prefix}empty-slice", results, rank, member_rank, empty, s, None, sparse=teacher, group=group,
+          labels=labels, temperature=2.0, hard_weight=0.5)
+    check(f"{prefix}bf16", results, rank, member_rank, widths, s.to(torch.bfloat16), None, sparse=teacher,
+          group=group, labels=labels, temperature=2.0, divergence="jsd", hard_weight=0.5)
+    check(f"{prefix}float64", results, rank, member_rank, widths, s.double(), None, sparse=teacher, group=group,
+          labels=labels, temperature=2.0, divergence="reverse_kl", hard_weight=0.5, loss_tol=1e-10, grad_tol=1e-10)
+    outcome(f"{prefix}parts-and-sparse-kd-loss", results,
+            lambda: parts_and_nan_rows(member_rank, widths, s, None, labels, group, sparse=teacher))
+
+
 def main():
     rank, world, store, out_dir, seed = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], Path(sys.argv[4]), \
         int(sys.argv[5])
@@ -240,10 +337,12 @@ def main():
     results = {}
     widths = [7, 11] if world == 2 else [5, 13, 8]
     run_cases(results, rank, rank, widths, None, "world-", seed)
+    run_sparse_cases(results, rank, rank, widths, None, "world-sparse-", seed + 2)
     if world == 3:  # a sub-group: ranks 0 and 2 of 3 (new_group is called by every rank)
         sub = dist.new_group([0, 2])
         if rank in (0, 2):
             run_cases(results, rank, rank // 2, [9, 4], sub, "subgroup-", seed + 1)
+            run_sparse_cases(results, rank, rank // 2, [9, 4], sub, "subgroup-sparse-", seed + 3)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
 
