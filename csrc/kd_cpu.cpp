@@ -23,6 +23,7 @@
 #include "kd_cpu_common.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -137,7 +138,7 @@ struct RowStats {
   double w = 0;           // forward: sum e_t (a_t - a_s); reverse: sum e_s (a_s - a_t); a = (x - shift) / T
   double z1 = 0;          // hard labels: sum exp(s - shift_s), at T = 1
   float log_zs = 0, log_zt = 0, log_z1 = 0, kd = 0, kl_student_mix = 0;
-  float mean_slope = 0;  // tvd: sum_i p_s,i tvd_slope_i
+  float mass_below = 0, mass_above = 0;  // tvd: the student's mass where p_s < p_t (> p_t), + half of p_s = p_t
 };
 
 // Sweep 1. Returns false if the row has no softmax (NaN, +inf, or only -inf).
@@ -230,22 +231,22 @@ inline std::pair<Vec, Vec> jsd_log_ratios(Vec log_pt, Vec log_ps, const JsdWeigh
   return w.teacher_is_a ? std::make_pair(ratio_a, ratio_b) : std::make_pair(ratio_b, ratio_a);
 }
 
-// Sweep 2 (jsd, tvd), once both normalisers are known: term(i, ps, pt, va, vb) for every vector of
-// entries, which adds to two vector accumulators; returns their sums (in double across blocks).
-template <typename Term>
-std::pair<double, double> mixture_sweep(const Scratch& sc, const LossParams& p, const RowStats& st, Term&& term) {
-  double sum_a = 0, sum_b = 0;
+// Sweep 2 (jsd, tvd), once both normalisers are known: term(i, ps, pt, acc) for every vector of
+// entries, which adds to N vector accumulators; returns their sums (in double across blocks).
+template <size_t N, typename Term>
+std::array<double, N> mixture_sweep(const Scratch& sc, const LossParams& p, const RowStats& st, Term&& term) {
+  std::array<double, N> sums{};
   for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
     const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
     const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
-    Vec va(0.f), vb(0.f);
+    std::array<Vec, N> acc;
+    acc.fill(Vec(0.f));
     for (int64_t i = b; i < b + kBlock; i += kLanes) {
-      term(i, Vec::loadu(sc.es + i) * scale_s, Vec::loadu(sc.et + i) * scale_t, va, vb);
+      term(i, Vec::loadu(sc.es + i) * scale_s, Vec::loadu(sc.et + i) * scale_t, acc);
     }
-    sum_a += hsum(va);
-    sum_b += hsum(vb);
+    for (size_t k = 0; k < N; ++k) sums[k] += hsum(acc[k]);
   }
-  return {sum_a, sum_b};
+  return sums;
 }
 
 // jsd: the mixture m = beta p_t + (1 - beta) p_s. log m - log p_s is stored over xt, which the jsd
@@ -254,33 +255,42 @@ void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
   // sum p_t (log m - log p_t) = -KL(p_t || m), and the same for p_s
-  const auto [minus_kl_t, minus_kl_s] = mixture_sweep(sc, p, st, [&](int64_t i, Vec ps, Vec pt, Vec& vt, Vec& vs) {
+  const auto [minus_kl_t, minus_kl_s] = mixture_sweep<2>(sc, p, st, [&](int64_t i, Vec ps, Vec pt,
+                                                                       std::array<Vec, 2>& acc) {
     const Vec lps = (Vec::loadu(sc.xs + i) - ms) * inv_temp - log_zs;
     const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
     const auto [teacher_vs_mix, student_vs_mix] = jsd_log_ratios(lpt, lps, p.jsd);
     student_vs_mix.store(sc.xt + i);
     // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
-    vt += Vec::blendv(zero, pt * teacher_vs_mix, pt > zero);
-    vs += Vec::blendv(zero, ps * student_vs_mix, ps > zero);
+    acc[0] += Vec::blendv(zero, pt * teacher_vs_mix, pt > zero);
+    acc[1] += Vec::blendv(zero, ps * student_vs_mix, ps > zero);
   });
   st.kl_student_mix = static_cast<float>(-minus_kl_s);
   st.kd = static_cast<float>(-p.jsd.teacher * minus_kl_t - p.jsd.student * minus_kl_s);
 }
 
-// d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|).
-inline Vec tvd_slope(Vec ps, Vec pt) {
-  const Vec half(0.5f);
-  return Vec::blendv(Vec::blendv(Vec(0.f), Vec(-0.5f), ps < pt), half, ps > pt);
+// d(tvd)/d(s_j / T) / p_s,j = g_j - sum_i p_s,i g_i, g = 0.5 sign(p_s - p_t) (sign(0) = 0, autograd's
+// subgradient of |x|), from tvd_terms' masses: sums of positive terms, where 0.5 - sum_i p_s,i g_i would
+// cancel when the teacher is near one-hot and the student puts little mass on its token.
+inline Vec tvd_factor(Vec ps, Vec pt, Vec mass_below, Vec mass_above) {
+  const Vec tied = Vec(0.5f) * (mass_below - mass_above);
+  return Vec::blendv(Vec::blendv(tied, Vec(0.f) - mass_above, ps < pt), mass_below, ps > pt);
 }
 
-// tvd: 0.5 sum |p_t - p_s|, and sum p_s tvd_slope for the gradient.
+// tvd: 0.5 sum |p_t - p_s|, and the student's mass where p_s < p_t and where p_s > p_t (each plus half
+// its mass where they are equal) for the gradient.
 void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
-  const auto [total, mean_slope] = mixture_sweep(sc, p, st, [](int64_t, Vec ps, Vec pt, Vec& va, Vec& vm) {
-    va += (pt - ps).abs();
-    vm += ps * tvd_slope(ps, pt);
+  const Vec zero(0.f), half(0.5f);
+  const auto [total, below, above] = mixture_sweep<3>(sc, p, st, [&](int64_t, Vec ps, Vec pt,
+                                                                     std::array<Vec, 3>& acc) {
+    const Vec half_tied = Vec::blendv(zero, half * ps, ps == pt);
+    acc[0] += (pt - ps).abs();
+    acc[1] += Vec::blendv(half_tied, ps, ps < pt);
+    acc[2] += Vec::blendv(half_tied, ps, ps > pt);
   });
   st.kd = static_cast<float>(0.5 * total);
-  st.mean_slope = static_cast<float>(mean_slope);
+  st.mass_below = static_cast<float>(below);
+  st.mass_above = static_cast<float>(above);
 }
 
 // Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype
@@ -288,7 +298,7 @@ void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
 template <int64_t DIV, bool HARD, bool TRANSFORM, typename S>
 void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad) {
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t), kd(st.kd),
-      kl_s(st.kl_student_mix), mean_slope(st.mean_slope);
+      kl_s(st.kl_student_mix), mass_below(st.mass_below), mass_above(st.mass_above);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
   const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
   const Vec coef_ce(p.coef_ce), student_weight(static_cast<float>(p.jsd.student));
@@ -307,8 +317,7 @@ void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, 
         const Vec lpt = (Vec::loadu(sc.xt + i) - mt) * inv_temp_t - log_zt;
         d = Vec::blendv(zero, ps * (lps - lpt - kd), ps > zero);
       } else if constexpr (DIV == kTVD) {
-        // d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
-        d = ps * (tvd_slope(ps, Vec::loadu(sc.et + i) * scale_t) - mean_slope);
+        d = ps * tvd_factor(ps, Vec::loadu(sc.et + i) * scale_t, mass_below, mass_above);
       } else {
         // log p_s - log m = -(log m - log p_s), which jsd_terms stored over xt.
         const Vec student_vs_mix = Vec::loadu(sc.xt + i);

@@ -469,16 +469,19 @@ __device__ JsdRatios jsd_log_ratios(float log_pt, float log_ps, const JsdWeights
 }
 
 // The second sweep's sums. jsd: sum p_t (log2 m - log2 p_t) and sum p_s (log2 m - log2 p_s), m the
-// mixture; tvd: sum |p_t - p_s| and sum p_s tvd_slope.
+// mixture (third unused); tvd: sum |p_t - p_s|, then the student's mass where p_s < p_t and where
+// p_s > p_t, each plus half of its mass where they are equal.
 struct MixtureTerms {
-  float kl_t, kl_s;
-  static __device__ MixtureTerms identity() { return {0.f, 0.f}; }
+  float first, second, third;
+  static __device__ MixtureTerms identity() { return {0.f, 0.f, 0.f}; }
   __device__ void merge(MixtureTerms o, Scales) {
-    kl_t += o.kl_t;
-    kl_s += o.kl_s;
+    first += o.first;
+    second += o.second;
+    third += o.third;
   }
   __device__ MixtureTerms shfl_xor(int offset) const {
-    return {__shfl_xor_sync(kFullMask, kl_t, offset), __shfl_xor_sync(kFullMask, kl_s, offset)};
+    return {__shfl_xor_sync(kFullMask, first, offset), __shfl_xor_sync(kFullMask, second, offset),
+            __shfl_xor_sync(kFullMask, third, offset)};
   }
 };
 
@@ -511,12 +514,14 @@ struct RowResult {
   float shift_s, shift_t, log_zs, log_zt, log_z1;
   float kd;    // the divergence, in nats
   float kl_s;  // jsd: KL(p_s || m), in nats
-  float mean_slope;  // tvd: sum_i p_s,i tvd_slope_i
+  float mass_below, mass_above;  // tvd: the student's mass where p_s < p_t (> p_t), + half of p_s = p_t
 };
 
-// d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|).
-__device__ __forceinline__ float tvd_slope(float ps, float pt) {
-  return ps > pt ? 0.5f : ps < pt ? -0.5f : 0.f;
+// d(tvd)/d(s_j / T) / p_s,j = g_j - sum_i p_s,i g_i, g = 0.5 sign(p_s - p_t) (sign(0) = 0, autograd's
+// subgradient of |x|), from the masses: sums of positive terms, where 0.5 - sum_i p_s,i g_i would
+// cancel when the teacher is near one-hot and the student puts little mass on its token.
+__device__ __forceinline__ float tvd_factor(float ps, float pt, float mass_below, float mass_above) {
+  return ps > pt ? mass_below : ps < pt ? -mass_above : 0.5f * (mass_below - mass_above);
 }
 
 // kTransform: the sides' logit transforms are on (a launch without them compiles them out).
@@ -570,7 +575,8 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
 
   // The final combinations in double: they subtract terms the size of log z.
   const double log_zs = log2(double{st.zs}), log_zt = log2(double{st.zt});
-  RowResult res{st.shift_s, st.shift_t, static_cast<float>(log_zs), static_cast<float>(log_zt), 0.f, 0.f, 0.f, 0.f};
+  RowResult res{st.shift_s, st.shift_t, static_cast<float>(log_zs), static_cast<float>(log_zt), 0.f, 0.f, 0.f, 0.f,
+                0.f};
   // KL(p_t || p_s) = E_t[a_t - a_s] - log zt + log zs (the shifts cancel), and symmetrically.
   if constexpr (kDiv == KDFAST_FORWARD_KL) res.kd = static_cast<float>(kLn2 * (st.w / double{st.zt} - log_zt + log_zs));
   if constexpr (kDiv == KDFAST_REVERSE_KL) res.kd = static_cast<float>(kLn2 * (st.w / double{st.zs} - log_zs + log_zt));
@@ -585,13 +591,13 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
         const float ps = exp2f(lps), pt = exp2f(lpt);
         const JsdRatios vs_mix = jsd_log_ratios(lpt, lps, jw);
         // 0 * log 0 = 0: entries without mass add nothing (both sides -inf gives NaN ratios).
-        mt.kl_t += pt > 0.f ? pt * vs_mix.teacher : 0.f;
-        mt.kl_s += ps > 0.f ? ps * vs_mix.student : 0.f;
+        mt.first += pt > 0.f ? pt * vs_mix.teacher : 0.f;
+        mt.second += ps > 0.f ? ps * vs_mix.student : 0.f;
       }
     });
     mt = group_reduce(mt, group, c);
-    res.kd = static_cast<float>(-kLn2 * (jw.teacher * mt.kl_t + jw.student * mt.kl_s));
-    res.kl_s = static_cast<float>(-kLn2 * mt.kl_s);
+    res.kd = static_cast<float>(-kLn2 * (jw.teacher * mt.first + jw.student * mt.second));
+    res.kl_s = static_cast<float>(-kLn2 * mt.second);
   }
   if constexpr (kDiv == KDFAST_TVD) {
     // Sweep 2: |p_t - p_s| needs both normalisers first.
@@ -601,13 +607,16 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
       for (int k = 0; k < W; ++k) {
         const float ps = exp2f((s.get(k) - res.shift_s) * c.s - res.log_zs);
         const float pt = exp2f((t.get(k) - res.shift_t) * c.t - res.log_zt);
-        mt.kl_t += fabsf(pt - ps);
-        mt.kl_s += ps * tvd_slope(ps, pt);
+        const float half_tied = ps == pt ? 0.5f * ps : 0.f;
+        mt.first += fabsf(pt - ps);
+        mt.second += ps < pt ? ps : half_tied;
+        mt.third += ps > pt ? ps : half_tied;
       }
     });
     mt = group_reduce(mt, group, c);
-    res.kd = 0.5f * mt.kl_t;
-    res.mean_slope = mt.kl_s;
+    res.kd = 0.5f * mt.first;
+    res.mass_below = mt.second;
+    res.mass_above = mt.third;
   }
   float ce = 0.f;
   if constexpr (kHard) {
@@ -636,8 +645,7 @@ __device__ void kd_row(const KdCudaArgs& a, const JsdWeights& jw, int64_t r, con
       } else if constexpr (kDiv == KDFAST_REVERSE_KL) {
         d = ps > 0.f ? ps * (kLn2f * (lps - lpt) - res.kd) : 0.f;
       } else if constexpr (kDiv == KDFAST_TVD) {
-        // d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
-        d = ps * (tvd_slope(ps, exp2f(lpt)) - res.mean_slope);
+        d = ps * tvd_factor(ps, exp2f(lpt), res.mass_below, res.mass_above);
       } else {
         // log p_s - log m = -(log m - log p_s)
         d = ps > 0.f ? student_weight * ps * (-kLn2f * jsd_log_ratios(lpt, lps, jw).student - res.kl_s) : 0.f;

@@ -65,6 +65,19 @@ def transform_logits(x: torch.Tensor, scale: float, cap: float):
     return torch.tanh(u).mul_(cap), e.mul(4.0 * scale).div_((1.0 + e).square_())
 
 
+def _tvd_masses(ps: torch.Tensor, above: torch.Tensor, below: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's mass where p_s > p_t and where p_s < p_t, each plus half the tied mass, per row.
+
+    d(0.5 sum_i |p_t,i - p_s,i|)/d(s_j / T) = p_s,j (g_j - sum_i p_s,i g_i), g = 0.5 sign(p_s - p_t)
+    (the subgradient with sign(0) = 0, as autograd's |x|). As sum p_s = 1, g_j - sum_i p_s,i g_i is
+    mass_below where p_s,j > p_t,j, -mass_above where p_s,j < p_t,j, and half their difference at a
+    tie: sums of positive terms, where 0.5 - sum_i p_s,i g_i would cancel when the teacher is near
+    one-hot and the student puts little mass on its token."""
+    tied = ps.masked_fill(above | below, 0.0).sum(-1, keepdim=True).mul_(0.5)
+    return (ps.masked_fill(~above, 0.0).sum(-1, keepdim=True).add_(tied),
+            ps.masked_fill(~below, 0.0).sum(-1, keepdim=True).add_(tied))
+
+
 def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     """Row losses (and the weighted gradient) of a (rows, V) chunk already in the compute dtype."""
     inv_temp = 1.0 / params.temperature
@@ -81,14 +94,13 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
         kd = _weighted_sum(ps, log_ratio)
         d_kd = torch.where(ps > 0, ps * log_ratio.sub_(kd[:, None]), 0.0) if want_grad else None
     elif params.divergence == TVD:
-        # d(0.5 sum_i |p_t,i - p_s,i|)/d(s_j / T) = p_s,j (g_j - sum_i p_s,i g_i), g = 0.5 sign(p_s - p_t),
-        # the subgradient with sign(0) = 0 (as autograd's |x|).
         diff = ps - pt
         kd = 0.5 * diff.abs().sum(-1)
         d_kd = None
         if want_grad:
-            g = diff.sign_().mul_(0.5)
-            d_kd = ps * (g - (ps * g).sum(-1, keepdim=True))
+            above, below = diff > 0, diff < 0
+            mass_above, mass_below = _tvd_masses(ps, above, below)
+            d_kd = ps * torch.where(above, mass_below, torch.where(below, -mass_above, 0.5 * (mass_below - mass_above)))
     else:
         assert params.divergence == JSD and 0.0 < params.beta < 1.0
         weights = jsd_weights(params.beta)

@@ -71,9 +71,11 @@ def jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, c, split, TEACHER_IS_A:
 
 
 @triton.jit
-def tvd_slope(p_s, p_t):
-    """d(0.5 |p_t - p_s|)/dp_s = 0.5 sign(p_s - p_t), 0 where they are equal (autograd's subgradient of |x|)."""
-    return tl.where(p_s > p_t, 0.5, tl.where(p_s < p_t, -0.5, 0.0))
+def tvd_factor(p_s, p_t, mass_below, mass_above):
+    """d(tvd)/d(s_j / T) / p_s,j = g_j - sum_i p_s,i g_i, g = 0.5 sign(p_s - p_t) (sign(0) = 0, autograd's
+    subgradient of |x|), from mixture_terms' masses: sums of positive terms, where 0.5 - sum_i p_s,i g_i
+    would cancel when the teacher is near one-hot and the student puts little mass on its token."""
+    return tl.where(p_s > p_t, mass_below, tl.where(p_s < p_t, -mass_above, 0.5 * (mass_below - mass_above)))
 
 
 @triton.jit
@@ -155,11 +157,13 @@ def online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap, t_
 
 
 @triton.jit
-def mixture_block(s_row, t_row, offs, mask, acc_kl_t, acc_kl_s, shift_s, shift_t, log_zs, log_zt, inv_temp,
+def mixture_block(s_row, t_row, offs, mask, acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t, log_zs, log_zt, inv_temp,
                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split,
                   DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
                   MASKED: tl.constexpr):
-    """One block of sweep 2 (see mixture_terms): the two accumulators after it."""
+    """One block of sweep 2 (see mixture_terms): the accumulators after it; tvd's in acc_kl_t (|p_t - p_s|),
+    acc_kl_s and acc_above (the student's mass where p_s < p_t, and where p_s > p_t, each plus half its mass
+    where they are equal)."""
     xs, _ = load_logits(s_row, offs, mask, s_scale, s_cap, CAP_S, MASKED)
     xt, _ = load_logits(t_row, offs, mask, t_scale, t_cap, CAP_T, MASKED)
     log_ps = (xs - shift_s) * inv_temp - log_zs
@@ -174,8 +178,10 @@ def mixture_block(s_row, t_row, offs, mask, acc_kl_t, acc_kl_s, shift_s, shift_t
         acc_kl_s += tl.where(p_s > 0, p_s * student_vs_mix, 0.0)
     else:
         acc_kl_t += tl.abs(p_t - p_s)
-        acc_kl_s += p_s * tvd_slope(p_s, p_t)
-    return acc_kl_t, acc_kl_s
+        half_tied = tl.where(p_s == p_t, 0.5 * p_s, 0.0)
+        acc_kl_s += tl.where(p_s < p_t, p_s, half_tied)
+        acc_above += tl.where(p_s > p_t, p_s, half_tied)
+    return acc_kl_t, acc_kl_s, acc_above
 
 
 @triton.jit
@@ -183,35 +189,37 @@ def mixture_terms(s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_tem
                   s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,
                   DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
                   BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
-    """Sweep 2 (jsd, tvd), which needs both normalisers: returns (kd, kl_student_mix, mean_slope).
+    """Sweep 2 (jsd, tvd), which needs both normalisers: returns (kd, kl_student_mix, mass_below, mass_above).
     jsd: kd = beta KL(p_t || m) + (1 - beta) KL(p_s || m), and KL(p_s || m) for the gradient;
-    tvd: kd = 0.5 sum |p_t - p_s|, and sum_i p_s,i tvd_slope_i for the gradient."""
+    tvd: kd = 0.5 sum |p_t - p_s|, and for the gradient (tvd_factor) the student's mass where p_s < p_t and
+    where p_s > p_t, each plus half its mass where they are equal."""
     cols = tl.arange(0, BLOCK)
     acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_above = tl.zeros([BLOCK], dtype=tl.float32)
     n_full = vocab // BLOCK
     for blk in tl.range(0, n_full, num_stages=NUM_STAGES):
         offs = blk * BLOCK + cols
-        acc_kl_t, acc_kl_s = mixture_block(s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, shift_s, shift_t,
-                                           log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
-                                           w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE, TEACHER_IS_A, CAP_S,
-                                           CAP_T, False)
+        acc_kl_t, acc_kl_s, acc_above = mixture_block(
+            s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t, log_zs, log_zt,
+            inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE,
+            TEACHER_IS_A, CAP_S, CAP_T, False)
     if n_full * BLOCK < vocab:
         offs = n_full * BLOCK + cols
-        acc_kl_t, acc_kl_s = mixture_block(s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, shift_s, shift_t,
-                                           log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
-                                           w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE, TEACHER_IS_A, CAP_S,
-                                           CAP_T, True)
+        acc_kl_t, acc_kl_s, acc_above = mixture_block(
+            s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t, log_zs, log_zt,
+            inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE,
+            TEACHER_IS_A, CAP_S, CAP_T, True)
     if DIVERGENCE == JSD_CODE:
         kl_student_mix = -tl.sum(acc_kl_s, axis=0)
-        return -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix, kl_student_mix, 0.0
-    return 0.5 * tl.sum(acc_kl_t, axis=0), 0.0, tl.sum(acc_kl_s, axis=0)
+        return -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix, kl_student_mix, 0.0, 0.0
+    return 0.5 * tl.sum(acc_kl_t, axis=0), 0.0, tl.sum(acc_kl_s, axis=0), tl.sum(acc_above, axis=0)
 
 
 @triton.jit
 def gradient_block(s_row, t_row, g_row, offs, mask, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
-                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd, coef_ce,
-                   nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
+                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below, mass_above, coef_kd,
+                   coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
                    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr,
                    CAP_T: tl.constexpr, MASKED: tl.constexpr):
     """One block of sweep 3 (see write_gradient), stored: the row's last read, and a gradient no later
@@ -226,8 +234,7 @@ def gradient_block(s_row, t_row, g_row, offs, mask, label, shift_s, shift_t, log
     elif DIVERGENCE == REVERSE_KL_CODE:
         d = tl.where(p_s > 0, p_s * (log_ps - log_pt - kd), 0.0)
     elif DIVERGENCE == TVD_CODE:
-        # d(tvd)/d(s_j / T) = p_s,j (slope_j - sum_i p_s,i slope_i)
-        d = p_s * (tvd_slope(p_s, tl.exp(log_pt)) - mean_slope)
+        d = p_s * tvd_factor(p_s, tl.exp(log_pt), mass_below, mass_above)
     else:
         _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, w_small, log_w_small, jsd_c, jsd_split, TEACHER_IS_A)
         # log p_s - log m = -student_vs_mix
@@ -245,8 +252,8 @@ def gradient_block(s_row, t_row, g_row, offs, mask, label, shift_s, shift_t, log
 
 @triton.jit
 def write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
-                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd, coef_ce,
-                   nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
+                   inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below, mass_above, coef_kd,
+                   coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
                    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr,
                    CAP_T: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Sweep 3: coef_kd * d(kd)/d(s / T) + coef_ce * d(ce)/ds, times dz/dx of the student's transforms,
@@ -257,15 +264,15 @@ def write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, 
     if n_full * BLOCK < vocab:
         offs = n_full * BLOCK + cols
         gradient_block(s_row, t_row, g_row, offs, offs < vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1,
-                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope,
-                       coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
-                       DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, True)
+                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below,
+                       mass_above, coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
+                       w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, True)
     for i in tl.range(0, n_full, num_stages=NUM_STAGES):
         offs = (n_full - 1 - i) * BLOCK + cols
         gradient_block(s_row, t_row, g_row, offs, offs < vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1,
-                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope,
-                       coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
-                       DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, False)
+                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below,
+                       mass_above, coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
+                       w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, False)
 
 
 @triton.jit
@@ -296,13 +303,14 @@ def _kd_rows_kernel(
         log_zs = tl.log(z_s) + nan_if_unseen
         log_zt = tl.log(z_t) + nan_if_unseen
         kl_student_mix = 0.0
-        mean_slope = 0.0
+        mass_below = 0.0
+        mass_above = 0.0
         if DIVERGENCE == FORWARD_KL_CODE:
             kd = w / z_t - log_zt + log_zs
         elif DIVERGENCE == REVERSE_KL_CODE:
             kd = w / z_s - log_zs + log_zt
         else:
-            kd, kl_student_mix, mean_slope = mixture_terms(
+            kd, kl_student_mix, mass_below, mass_above = mixture_terms(
                 s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap,
                 t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student, DIVERGENCE,
                 TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
@@ -327,9 +335,9 @@ def _kd_rows_kernel(
         if WRITE_GRAD:
             coef_kd = tl.load(coefs_ptr) * inv_temp  # d(s / T)/ds = 1 / T
             write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
-                           inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mean_slope, coef_kd,
-                           tl.load(coefs_ptr + 1), nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
-                           w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
+                           inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below, mass_above,
+                           coef_kd, tl.load(coefs_ptr + 1), nan_if_bad_label, w_small, log_w_small, jsd_c,
+                           jsd_split, w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import interpreted, make_labels, make_logits, run_and_compare, runnable_backends
+from helpers import interpreted, make_labels, make_logits, run_and_compare, runnable_backends, tvd_undecided_rows
 
 import kdfast
 
@@ -99,6 +99,24 @@ def test_tvd_is_half_the_l1_distance_and_zero_with_zero_gradient_at_equal_distri
     torch.testing.assert_close(rows.double().cpu(), expected.cpu(), rtol=1e-5, atol=1e-7)
     assert rows[0].item() == 0.0 and torch.equal(leaf.grad[0].cpu(), torch.zeros(97))
     assert torch.isfinite(leaf.grad).all() and (leaf.grad[1, 50:] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_tvd_gradient_keeps_its_precision_against_a_near_one_hot_teacher(gen, backend, device):
+    """Against a teacher near one-hot on a token where the student has little mass, every other
+    entry's gradient is p_s,j times the student's mass below its teacher (~1e-4 here): a sum of
+    that mass, not 0.5 minus a sum near 0.5, which loses it in fp32."""
+    s, t = make_logits(gen, (8, 389), torch.float32, device)
+    token = torch.randint(0, 389, (8,), generator=gen).to(device)
+    t[torch.arange(8), token] = 40.0
+    s[torch.arange(8), token] = -6.0
+    leaf = s.clone().requires_grad_()
+    kdfast.kd_loss(leaf, t, backend=backend, divergence="tvd", reduction="sum").backward()
+    s64 = s.double().cpu().requires_grad_()
+    kdfast.reference.kd_loss_reference(s64, t.double().cpu(), divergence="tvd", reduction="sum").backward()
+    # Every entry to a few fp32 roundings of itself: the loss is fp32 arithmetic on fp32 logits.
+    decided = ~tvd_undecided_rows(s, t)
+    torch.testing.assert_close(leaf.grad.double().cpu()[decided], s64.grad[decided], rtol=2e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
