@@ -42,7 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .backends import FORWARD_KL, JSD, REVERSE_KL, compute_dtype, jsd_weights
-from .backends.torch_fallback import CHUNK_ELEMENTS, _sparse_chunk, jsd_log_ratios
+from .backends.torch_fallback import CHUNK_ELEMENTS, jsd_log_ratios, sparse_chunk
 from .inputs import as_rows, check_inplace, check_labels, check_logits, check_num_items, check_same_tokens
 from .ops import GradientInForward, gradient_buffer
 from .options import LossOptions, loss_options
@@ -428,7 +428,7 @@ def _category_divergence(log_pk: Tensor, log_rest: Tensor, covers: Tensor, valid
     log_qz = torch.cat([log_q.double(), z.new_full((n_rows, 1), -math.inf)], -1)
     params = sparse_params(opts, tail, tolerance)._replace(temperature=1.0, hard=False, student_scale=1.0,
                                                            student_cap=0.0)
-    kd, _, dz = _sparse_chunk(z, ids, log_qz, None, z.new_ones(2), params, want_grad)
+    kd, _, dz = sparse_chunk(z, ids, log_qz, None, z.new_ones(2), params, want_grad)
     return kd, dz
 
 

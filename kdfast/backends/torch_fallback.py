@@ -178,7 +178,7 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
 
 def _sparse_terms(log_pc: torch.Tensor, log_qc: torch.Tensor, valid: torch.Tensor, params) -> tuple:
     """The divergence per row over categories c (the ids, and the tail bucket when there is one),
-    and h_c = P_c * d(divergence)/dP_c, from which the gradient follows (see _sparse_chunk)."""
+    and h_c = P_c * d(divergence)/dP_c, from which the gradient follows (see sparse_chunk)."""
     pc, qc = log_pc.exp(), log_qc.exp()
     if params.tail == TAIL_RENORM:
         mass = qc.sum(-1, keepdim=True)
@@ -198,7 +198,7 @@ def _sparse_terms(log_pc: torch.Tensor, log_qc: torch.Tensor, valid: torch.Tenso
     return kd, h
 
 
-def _sparse_chunk(s, ids, log_q, labels, coefs, params, want_grad: bool):
+def sparse_chunk(s, ids, log_q, labels, coefs, params, want_grad: bool):
     """Row losses (and the weighted gradient) of a (rows, V) chunk against (rows, K) ids and
     teacher log-probabilities, all already in the compute dtype."""
     n, vocab = s.shape
@@ -269,7 +269,7 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
     coefs = coefs.to(dtype)
 
     def chunk(s, b: int, positions: slice, rows: slice):
-        return _sparse_chunk(s, ids[rows], logprobs[rows].to(dtype), None if labels is None else labels[rows], coefs,
+        return sparse_chunk(s, ids[rows], logprobs[rows].to(dtype), None if labels is None else labels[rows], coefs,
                              params, want_grad=grad is not None)
 
     return _over_row_chunks(student, grad, dtype, chunk, params)
