@@ -199,11 +199,14 @@ class _Global:
         terms = mass * self.g["cross"] + slice_mass * (c_q - c_p)
         return torch.where(slice_mass > 0, terms, 0.0).sum(0)
 
-    def student_log_probs(self, s: Tensor, rank: int, r0: int, r1: int, inv_temp: float) -> Tensor:
-        """log p_s of this rank's logits s (rows r0:r1, any trailing width) from the global offsets."""
-        dtype = s.dtype
-        return _centred(s, self.g["max_s"][rank, r0:r1].to(dtype), inv_temp).sub_(
-            self.c_s[rank, r0:r1, None].to(dtype))
+    def log_probs(self, x: Tensor, side: str, rank: int, r0: int, r1: int, inv_temp: float) -> Tensor:
+        """The log-probabilities of this rank's logits x (rows r0:r1, any trailing width) from the global
+        offsets: the student's ("s"), the teacher's ("t"), or the student's at T = 1 for the hard labels
+        ("s1", with inv_temp 1)."""
+        dtype = x.dtype
+        row_max = self.g["max_t" if side == "t" else "max_s"][rank, r0:r1].to(dtype)
+        offsets = self.c_t if side == "t" else self.c_s1 if side == "s1" else self.c_s
+        return _centred(x, row_max, inv_temp).sub_(offsets[rank, r0:r1, None].to(dtype))
 
     def row_flags(self, labels: Optional[Tensor], vocab: int, opts: LossOptions) -> tuple[Tensor, Tensor]:
         """(ignored, undefined) per row; undefined: no softmax, or a label outside [0, V) (that gets
@@ -216,9 +219,7 @@ class _Global:
 
 def _log_probs(s: Tensor, t: Tensor, glob: _Global, rank: int, r0: int, r1: int, inv_temp: float):
     """log p_s and log p_t on this rank's chunk of rows r0:r1, from the global offsets."""
-    dtype = s.dtype
-    log_pt = _centred(t, glob.g["max_t"][rank, r0:r1].to(dtype), inv_temp).sub_(glob.c_t[rank, r0:r1, None].to(dtype))
-    return glob.student_log_probs(s, rank, r0, r1, inv_temp), log_pt
+    return glob.log_probs(s, "s", rank, r0, r1, inv_temp), glob.log_probs(t, "t", rank, r0, r1, inv_temp)
 
 
 class _HardLabels:
@@ -239,7 +240,7 @@ class _HardLabels:
     def add_gradient(self, g: Tensor, s: Tensor, glob: _Global, rank: int, r0: int, r1: int) -> None:
         """g += coef * (softmax(s) - onehot(label)) on the chunk s of rows r0:r1."""
         dtype = s.dtype
-        p1 = _centred(s, glob.g["max_s"][rank, r0:r1].to(dtype), 1.0).sub_(glob.c_s1[rank, r0:r1, None].to(dtype))
+        p1 = glob.log_probs(s, "s1", rank, r0, r1, 1.0)
         p1 = p1.exp_().scatter_add_(-1, self.local[r0:r1, None], -self.owned[r0:r1, None].to(dtype))
         g.add_(p1.mul_(self.coef.to(dtype)))
 
@@ -478,11 +479,11 @@ def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tens
             s = student[b, m0:m1].to(dtype)
             in_ids = torch.zeros(r1 - r0, width + 1, dtype=torch.bool, device=device)
             in_ids = in_ids.scatter_(-1, slot[r0:r1], True)[:, :width]
-            yield s, glob.student_log_probs(s, rank, r0, r1, inv_temp), in_ids, b, m0, m1, r0, r1
+            yield s, glob.log_probs(s, "s", rank, r0, r1, inv_temp), in_ids, b, m0, m1, r0, r1
 
     for s, log_p, in_ids, b, m0, m1, r0, r1 in chunks():
         picked = student[b, m0:m1].gather(-1, torch.where(owned[r0:r1], local_ids[r0:r1], 0)).double()
-        log_pk[:, r0:r1] = torch.where(owned[r0:r1], glob.student_log_probs(picked, rank, r0, r1, inv_temp), 0.0).T
+        log_pk[:, r0:r1] = torch.where(owned[r0:r1], glob.log_probs(picked, "s", rank, r0, r1, inv_temp), 0.0).T
         log_rest[r0:r1] = log_p.masked_fill(in_ids, -math.inf).logsumexp(-1).double()
         n_rest[r0:r1] = (~in_ids).sum(-1)
     second = [log_pk, log_rest[None], n_rest[None]] + ([hard_labels.logit[None]] if hard else [])
