@@ -14,9 +14,9 @@ Collectives per forward call (none in backward):
 - forward_kl and reverse_kl: 1 (the normalisers and the divergence's sums travel together,
   with the ranks' widths); 2 with hard_weight > 0 (the label's logit, known only once the
   offsets are, travels in the second).
-- jsd with 0 < beta < 1: 2, with or without hard labels: the mixture m = beta p_t + (1 - beta) p_s
-  needs both global normalisers before its terms can be summed; the label's logit travels
-  with those sums.
+- jsd with 0 < beta < 1 and tvd: 2, with or without hard labels: jsd's mixture
+  m = beta p_t + (1 - beta) p_s and tvd's |p_t - p_s| need both global normalisers before their
+  terms can be summed; the label's logit travels with those sums.
 
 vocab_parallel_sparse_kd_loss (a sparse teacher: ids and log-probs, the same on every rank): 2,
 with every option. The first carries the widths and each slice's per-row maximum and exp-sums;
@@ -26,9 +26,11 @@ columns (the rest and whether the ids cover the vocabulary), and the label's log
 over the K + 1 categories is then the same on every rank, computed by the torch backend's
 sparse code on a (K + 1)-token vocabulary whose logits are the categories' log-probs.
 
-The per-shard work is plain torch ops over chunks of rows (no fused kernel yet): one pass over
-the slice for the statistics, one for the gradient (and one more for jsd's mixture sums). The
-widths are read on the host after the first collective: one device sync per call on a GPU.
+The per-shard work of vocab_parallel_kd_loss is the backend's ``vocab_shard`` kernels
+(kdfast.backends): Triton's on a GPU (one program per row: a sweep over the slice for the
+statistics, one for the gradient, and one more for jsd's and tvd's mixture sums), the torch
+backend's chunked ops elsewhere. That of vocab_parallel_sparse_kd_loss is torch ops. The widths
+are read on the host after the first collective: one device sync per call on a GPU.
 """
 
 from __future__ import annotations
@@ -41,8 +43,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .backends import FORWARD_KL, JSD, REVERSE_KL, compute_dtype, jsd_weights
-from .backends.torch_fallback import CHUNK_ELEMENTS, jsd_log_ratios, sparse_chunk
+from .backends import FORWARD_KL, JSD, REVERSE_KL, SHARD_ROWS, SHARD_STATS, TVD, compute_dtype, jsd_weights
+from .backends.registry import backend, resolve_backend
+from .backends.torch_fallback import centred, row_chunks, sparse_chunk, vocab_shard_stats
 from .inputs import as_rows, check_inplace, check_labels, check_logits, check_num_items, check_same_tokens
 from .ops import GradientInForward, gradient_buffer
 from .options import LossOptions, loss_options
@@ -57,8 +60,7 @@ SPARSE_NAME = "vocab_parallel_sparse_kd_loss"
 # its default (vocab_size is refused outright: the slices are the vocabulary).
 SUPPORTED_OPTIONS = ("temperature", "divergence", "beta", "ignore_index", "reduction", "scale_t2", "hard_weight",
                      "soft_weight", "inplace_backward", "expected_grad_output", "backend")
-SUPPORTED_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
-SUPPORTED_BACKENDS = ("auto", "torch")
+SUPPORTED_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
 
 def _check_options(opts: LossOptions, given: dict, name: str = NAME) -> None:
@@ -73,9 +75,6 @@ def _check_options(opts: LossOptions, given: dict, name: str = NAME) -> None:
     if opts.divergence not in SUPPORTED_DIVERGENCES:
         raise ValueError(f"{name}() does not support divergence={opts.divergence!r} (it supports "
                          f"{', '.join(map(repr, SUPPORTED_DIVERGENCES))})")
-    if opts.backend not in SUPPORTED_BACKENDS:
-        raise ValueError(f"{name}() runs its per-shard work with torch ops, not a fused kernel: backend must be "
-                         f"'auto' or 'torch', got {opts.backend!r}")
 
 
 def _group_rank(group, name: str = NAME) -> tuple[int, int]:
@@ -95,31 +94,10 @@ def _gather(local: Tensor, world: int, group) -> Tensor:
     return out.view(world, *local.shape)
 
 
-def _chunks(n_batch: int, n_rows: int, vocab: int):
-    """(b, m0, m1, r0, r1): the (B, M, V) rows walked a chunk at a time; r0:r1 in flat rows."""
-    step = max(1, CHUNK_ELEMENTS // max(vocab, 1))
-    for b in range(n_batch):
-        for m0 in range(0, n_rows, step):
-            m1 = min(n_rows, m0 + step)
-            yield b, m0, m1, b * n_rows + m0, b * n_rows + m1
-
-
-def _weighted_sum(weight: Tensor, values: Tensor) -> Tensor:
-    """sum(weight * values) over the last dim in float64, with 0 * inf = 0 (0 log 0 = 0)."""
-    return (weight * values).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1, dtype=torch.float64)
-
-
-def _centred(x: Tensor, row_max: Tensor, scale: float) -> Tensor:
-    """(x - max) * scale per row; a slice that is all -inf is shifted by 0 (it stays -inf)."""
-    shift = torch.where(row_max == -math.inf, 0.0, row_max)
-    return (x - shift[:, None]).mul_(scale)
-
-
 class _Stats:
     """Per-row statistics of this rank's slice, in float64: the rows of the first collective."""
 
     def __init__(self, opts: LossOptions, code: Optional[int], hard: bool, teacher: bool = True):
-        self.opts, self.code = opts, code
         self.sides = 2 if teacher else 1  # the student's (and the teacher's) logits
         self.names = ["max_s", "max_t", "sum_s", "sum_t"] if teacher else ["max_s", "sum_s"]
         if hard and opts.temperature != 1.0:
@@ -127,37 +105,17 @@ class _Stats:
         if code in (FORWARD_KL, REVERSE_KL):
             self.names.append("cross")  # sum of exp * (log-ratio) on the slice
 
-    def local(self, s: Tensor, t: Optional[Tensor]) -> list[Tensor]:
-        """The statistics of a (rows, width) chunk of this rank's slice, width possibly 0."""
-        inv_temp = 1.0 / self.opts.temperature
-        if s.shape[-1] == 0:
-            empty = torch.full((s.shape[0],), -math.inf, dtype=torch.float64, device=s.device)
-            return [empty] * self.sides + [torch.zeros_like(empty)] * (len(self.names) - self.sides)
-        logits = (s, t)[:self.sides]
-        maxes = [x.amax(-1) for x in logits]
-        centred = [_centred(x, m, inv_temp) for x, m in zip(logits, maxes)]
-        exps = [x.exp() for x in centred]
-        out = [m.double() for m in maxes] + [e.sum(-1, dtype=torch.float64) for e in exps]
-        if "sum_s1" in self.names:
-            out.append(_centred(s, maxes[0], 1.0).exp_().sum(-1, dtype=torch.float64))
-        if self.code == FORWARD_KL:
-            out.append(_weighted_sum(exps[1], centred[1] - centred[0]))
-        elif self.code == REVERSE_KL:
-            out.append(_weighted_sum(exps[0], centred[0] - centred[1]))
-        return out
-
     def exchange(self, widths: list[int], student: Optional[Tensor], teacher: Optional[Tensor], n_rows: int,
-                 dtype: torch.dtype, device: torch.device, world: int, group) -> tuple[list[list[int]], Tensor]:
-        """The first collective: every rank's widths and statistics (world, len(names), rows), from
-        the (B, M, V) student (and teacher) rows a chunk at a time; student None (the widths differ): zeros,
-        sent all the same, so that every rank reaches the check of the widths and none waits."""
+                 device: torch.device, world: int, group, shard_stats, params) -> tuple[list[list[int]], Tensor]:
+        """The first collective: every rank's widths and statistics (world, len(names), rows), from the
+        (B, M, V) student (and teacher) rows by shard_stats (a vocab_shard.stats); student None (the widths
+        differ): zeros, sent all the same, so that every rank reaches the check of the widths and none waits."""
         local = torch.zeros(len(self.names), n_rows, dtype=torch.float64, device=device)
-        if student is not None:
-            n_batch, n_per_batch, width = student.shape
-            for b, m0, m1, r0, r1 in _chunks(n_batch, n_per_batch, width):
-                t = None if teacher is None else teacher[b, m0:m1].to(dtype)
-                for i, value in enumerate(self.local(student[b, m0:m1].to(dtype), t)):
-                    local[i, r0:r1] = value
+        if student is not None and student.numel() > 0:
+            picked = [SHARD_STATS.index(name) for name in self.names]
+            local = shard_stats(student, teacher, params._replace(hard="sum_s1" in self.names))[picked].double()
+        elif student is not None:  # an empty slice: no maximum, nothing summed
+            local[:self.sides] = -math.inf
         header = torch.tensor(widths, dtype=torch.float64, device=device)
         gathered = _gather(torch.cat([header, local.reshape(-1)]), world, group)
         return (gathered[:, :len(widths)].long().tolist(),
@@ -199,14 +157,25 @@ class _Global:
         terms = mass * self.g["cross"] + slice_mass * (c_q - c_p)
         return torch.where(slice_mass > 0, terms, 0.0).sum(0)
 
-    def log_probs(self, x: Tensor, side: str, rank: int, r0: int, r1: int, inv_temp: float) -> Tensor:
-        """The log-probabilities of this rank's logits x (rows r0:r1, any trailing width) from the global
+    def log_probs(self, x: Tensor, side: str, rank: int, rows: slice, inv_temp: float) -> Tensor:
+        """The log-probabilities of this rank's logits x (flat rows rows, any trailing width) from the global
         offsets: the student's ("s"), the teacher's ("t"), or the student's at T = 1 for the hard labels
         ("s1", with inv_temp 1)."""
         dtype = x.dtype
-        row_max = self.g["max_t" if side == "t" else "max_s"][rank, r0:r1].to(dtype)
+        row_max = self.g["max_t" if side == "t" else "max_s"][rank, rows].to(dtype)
         offsets = self.c_t if side == "t" else self.c_s1 if side == "s1" else self.c_s
-        return _centred(x, row_max, inv_temp).sub_(offsets[rank, r0:r1, None].to(dtype))
+        return centred(x, row_max, inv_temp).sub_(offsets[rank, rows, None].to(dtype))
+
+    def shard_rows(self, rank: int) -> Tensor:
+        """The (len(SHARD_ROWS), rows) float64 values of the vocab_shard kernels, with this rank's shifts and
+        offsets filled in (the rest 0): log p = (x - shift) / T - offset on its slice."""
+        rows = torch.zeros(len(SHARD_ROWS), self.max_s.shape[0], dtype=torch.float64, device=self.max_s.device)
+        for name, side, offsets in (("s", "max_s", self.c_s), ("t", "max_t", self.c_t), ("s1", None, self.c_s1)):
+            if side is not None:
+                row_max = self.g[side][rank]
+                rows[SHARD_ROWS.index(f"shift_{name}")] = torch.where(row_max == -math.inf, 0.0, row_max)
+            rows[SHARD_ROWS.index(f"offset_{name}")] = offsets[rank]
+        return rows
 
     def row_flags(self, labels: Optional[Tensor], vocab: int, opts: LossOptions) -> tuple[Tensor, Tensor]:
         """(ignored, undefined) per row; undefined: no softmax, or a label outside [0, V) (that gets
@@ -215,11 +184,6 @@ class _Global:
             return torch.zeros_like(self.undefined), self.undefined
         ignored = labels == opts.ignore_index
         return ignored, self.undefined | ~(ignored | ((labels >= 0) & (labels < vocab)))
-
-
-def _log_probs(s: Tensor, t: Tensor, glob: _Global, rank: int, r0: int, r1: int, inv_temp: float):
-    """log p_s and log p_t on this rank's chunk of rows r0:r1, from the global offsets."""
-    return glob.log_probs(s, "s", rank, r0, r1, inv_temp), glob.log_probs(t, "t", rank, r0, r1, inv_temp)
 
 
 class _HardLabels:
@@ -237,11 +201,15 @@ class _HardLabels:
             picked = student.gather(-1, self.local.view(n_batch, n_per_batch, 1)).reshape(-1).double()
             self.logit = torch.where(self.owned, picked, 0.0)
 
-    def add_gradient(self, g: Tensor, s: Tensor, glob: _Global, rank: int, r0: int, r1: int) -> None:
-        """g += coef * (softmax(s) - onehot(label)) on the chunk s of rows r0:r1."""
+    def columns(self, width: int) -> Tensor:
+        """Each row's label as a column of this slice: width where another rank owns it (vocab_shard.gradient)."""
+        return torch.where(self.owned, self.local, width)
+
+    def add_gradient(self, g: Tensor, s: Tensor, glob: _Global, rank: int, rows: slice) -> None:
+        """g += coef * (softmax(s) - onehot(label)) on the chunk s of flat rows rows."""
         dtype = s.dtype
-        p1 = glob.log_probs(s, "s1", rank, r0, r1, 1.0)
-        p1 = p1.exp_().scatter_add_(-1, self.local[r0:r1, None], -self.owned[r0:r1, None].to(dtype))
+        p1 = glob.log_probs(s, "s1", rank, rows, 1.0)
+        p1 = p1.exp_().scatter_add_(-1, self.local[rows, None], -self.owned[rows, None].to(dtype))
         g.add_(p1.mul_(self.coef.to(dtype)))
 
     @staticmethod
@@ -258,12 +226,12 @@ class _GradientWriter:
         self.grad, self.kd_scale, self.ignored, self.hard, self.glob, self.rank = \
             grad, kd_scale, ignored, hard, glob, rank
 
-    def __call__(self, d_kd: Tensor, s: Tensor, b: int, m0: int, m1: int, r0: int, r1: int) -> None:
-        g = d_kd.mul_(self.kd_scale[r0:r1, None])
+    def __call__(self, d_kd: Tensor, s: Tensor, b: int, positions: slice, rows: slice) -> None:
+        g = d_kd.mul_(self.kd_scale[rows, None])
         if self.hard is not None:
-            self.hard.add_gradient(g, s, self.glob, self.rank, r0, r1)
-        g[self.ignored[r0:r1]] = 0.0  # ignored rows get no gradient, whatever their logits hold
-        self.grad[b, m0:m1] = g
+            self.hard.add_gradient(g, s, self.glob, self.rank, rows)
+        g[self.ignored[rows]] = 0.0  # ignored rows get no gradient, whatever their logits hold
+        self.grad[b, positions] = g
 
 
 def _kd_scale(weights: ReductionWeights, undefined: Tensor, inv_temp: float, dtype: torch.dtype) -> Tensor:
@@ -276,26 +244,30 @@ class _VocabParallelFunction(GradientInForward):
 
     @staticmethod
     def forward(ctx, student: Tensor, grad: Optional[Tensor], kd_rows: Tensor, ce_rows: Tensor,
-                weights: ReductionWeights, expected_grad_output: float, per_row: bool, name: str):
-        return GradientInForward.finish(ctx, name, grad, kd_rows, ce_rows, weights, expected_grad_output, "torch",
-                                        per_row)
+                weights: ReductionWeights, expected_grad_output: float, per_row: bool, name: str, backend_name: str):
+        return GradientInForward.finish(ctx, name, grad, kd_rows, ce_rows, weights, expected_grad_output,
+                                        backend_name, per_row)
 
 
 @torch.no_grad()
 def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: torch.Size, widths: tuple[int, int],
-             dtype: torch.dtype, device: torch.device, labels: Optional[Tensor], opts: LossOptions, group,
-             num_items_in_batch, want_grad: bool):
+             device: torch.device, labels: Optional[Tensor], opts: LossOptions, group, num_items_in_batch,
+             want_grad: bool, backend_name: str):
     """The slice's weighted gradient (or None), the row losses and the reduction weights, from the
-    (B, M, V) student and teacher rows (None when their widths differ: then every rank raises)."""
+    (B, M, V) student and teacher rows (None when their widths differ: then every rank raises), with
+    the vocab_shard kernels of backend_name."""
     rank, world = _group_rank(group)
-    code = opts.kernel_params.divergence
-    hard = opts.hard_weight > 0
+    kernels = backend(backend_name).vocab_shard
+    params = opts.kernel_params
+    code, hard = params.divergence, opts.hard_weight > 0
+    dtype = compute_dtype(student.dtype, teacher.dtype) if student is not None else torch.float32
     inv_temp = 1.0 / opts.temperature
     stats = _Stats(opts, code, hard)
     n_rows = math.prod(lead_shape)
 
     # 1. This slice's statistics, its widths in front, in the first collective.
-    widths, gathered = stats.exchange(list(widths), student, teacher, n_rows, dtype, device, world, group)
+    widths, gathered = stats.exchange(list(widths), student, teacher, n_rows, device, world, group, kernels.stats,
+                                      params)
     mismatched = [k for k, (ws, wt) in enumerate(widths) if ws != wt]
     if mismatched:
         raise ValueError("student_logits and teacher_logits must have the same width on every rank; (student, "
@@ -304,68 +276,48 @@ def _forward(student: Optional[Tensor], teacher: Optional[Tensor], lead_shape: t
     if vocab == 0:
         raise ValueError("student_logits and teacher_logits have an empty vocabulary dimension on every rank (V=0)")
     offset = sum(w for w, _ in widths[:rank])
-    n_batch, n_per_batch, width = student.shape
+    width = student.shape[-1]
     labels = check_labels(labels, lead_shape, device, vocab, opts)
     glob = _Global(stats, gathered, opts.temperature)
     ignored, undefined = glob.row_flags(labels, vocab, opts)
     weights = ReductionWeights.of(labels, n_rows, vocab, opts, device, dtype, num_items_in_batch)
+    rows = glob.shard_rows(rank)
+    row = {name: rows[i] for i, name in enumerate(SHARD_ROWS)}  # views: writing them fills rows
 
+    # 2. jsd and tvd: the slices' mixture sums, which need both global normalisers; the hard label's logit.
     second = []  # what the second collective sums over the ranks
     hard_labels = _HardLabels(student, labels, offset, weights.grad_coefs[1]) if hard else None
-    grad = write_gradient = None
-    if want_grad:
-        grad = student if opts.inplace_backward else gradient_buffer(student, "torch")
-        write_gradient = _GradientWriter(grad, _kd_scale(weights, undefined, inv_temp, dtype), ignored, hard_labels,
-                                         glob, rank)
-
-    def chunks():
-        """This rank's chunks of rows with their log-probabilities; none for an empty slice."""
-        if width == 0:
-            return
-        for b, m0, m1, r0, r1 in _chunks(n_batch, n_per_batch, width):
-            s = student[b, m0:m1].to(dtype)
-            yield s, *_log_probs(s, teacher[b, m0:m1].to(dtype), glob, rank, r0, r1, inv_temp), b, m0, m1, r0, r1
-
-    if code in (FORWARD_KL, REVERSE_KL):
-        # The loss follows from the statistics, and the gradient needs nothing more.
-        if code == FORWARD_KL:
-            kd = glob.kl_from_cross(glob.c_t, glob.c_s, glob.g["sum_t"])
-        else:
-            kd = glob.kl_from_cross(glob.c_s, glob.c_t, glob.g["sum_s"])
-        if grad is not None:
-            for s, log_ps, log_pt, b, m0, m1, r0, r1 in chunks():
-                ps = log_ps.exp()
-                if code == FORWARD_KL:
-                    d_kd = ps.sub_(log_pt.exp_())
-                else:
-                    d_kd = torch.where(ps > 0, ps * log_ps.sub_(log_pt).sub_(kd[r0:r1, None].to(dtype)), 0.0)
-                write_gradient(d_kd, s, b, m0, m1, r0, r1)
+    if code == FORWARD_KL:  # the loss follows from the statistics, and the gradient needs nothing more
+        kd = glob.kl_from_cross(glob.c_t, glob.c_s, glob.g["sum_t"])
+    elif code == REVERSE_KL:
+        kd = glob.kl_from_cross(glob.c_s, glob.c_t, glob.g["sum_s"])
     else:
-        # jsd: the mixture's terms need both global normalisers, so their sums take the second collective.
-        jsd = jsd_weights(opts.beta)
-        teacher_kl_mix = torch.zeros(n_rows, dtype=torch.float64, device=device)
-        student_kl_mix = torch.zeros_like(teacher_kl_mix)
-        for _, log_ps, log_pt, _, _, _, r0, r1 in chunks():
-            teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, jsd)  # log m - log p
-            teacher_kl_mix[r0:r1] = -_weighted_sum(log_pt.exp(), teacher_vs_mix)
-            student_kl_mix[r0:r1] = -_weighted_sum(log_ps.exp(), student_vs_mix)
-        second = [teacher_kl_mix, student_kl_mix]
+        second.append(kernels.mixture(student, teacher, rows, params).double() if student.numel() > 0
+                      else rows.new_zeros(3, n_rows))
     if hard:
-        second.append(hard_labels.logit)
-
+        second.append(hard_labels.logit[None])
     if second:
-        summed = _gather(torch.stack(second), world, group).sum(0)  # summed in the same order on every rank
+        summed = _gather(torch.cat(second), world, group).sum(0)  # summed in the same order on every rank
         if code == JSD:
-            kl_student_mix = summed[1]
-            kd = jsd.teacher * summed[0] + jsd.student * kl_student_mix
-            if grad is not None:
-                for s, log_ps, log_pt, b, m0, m1, r0, r1 in chunks():
-                    _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, jsd)
-                    ps = log_ps.exp()
-                    # d kd / d(s / T) = (1 - beta) p_s (log p_s - log m - KL(p_s || m))
-                    d_kd = torch.where(ps > 0, ps * student_vs_mix.neg_().sub_(kl_student_mix[r0:r1, None].to(dtype)),
-                                       0.0).mul_(jsd.student)
-                    write_gradient(d_kd, s, b, m0, m1, r0, r1)
+            jsd = jsd_weights(opts.beta)
+            kd = jsd.teacher * summed[0] + jsd.student * summed[1]
+            row["kl_student_mix"].copy_(summed[1])
+        elif code == TVD:
+            kd = summed[0]
+            row["mass_below"].copy_(summed[1])
+            row["mass_above"].copy_(summed[2])
+
+    # 3. This slice's gradient.
+    grad = None
+    if want_grad:
+        grad = student if opts.inplace_backward else gradient_buffer(student, backend_name)
+        if student.numel() > 0:
+            row["kd"].copy_(kd)
+            row["coef_kd"].copy_(_kd_scale(weights, undefined, inv_temp, torch.float64))
+            row["coef_ce"].fill_(weights.grad_coefs[1])
+            row["ignored"].copy_(ignored)
+            columns = hard_labels.columns(width) if hard else torch.full((n_rows,), width, device=device)
+            kernels.gradient(student, teacher, columns, grad, rows, params)
 
     kd = torch.where(ignored, 0.0, torch.where(undefined, math.nan, kd))
     ce = _HardLabels.cross_entropy(glob, summed[-1], ignored, undefined) if hard else torch.zeros_like(kd)
@@ -384,12 +336,12 @@ def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, gr
     the ranks nor divided by their number). ``labels`` are the same global token ids on every
     rank; only the rank owning a label's column reads its logit. ``options`` are kd_loss's, with
     the same meaning and edge behaviour, except ``vocab_size`` (refused: the slices are the
-    vocabulary) and ``backend`` ("auto" or "torch" only: the per-shard work is torch ops).
+    vocabulary) and ``backend`` ("auto", or a backend with per-shard kernels: "triton", "torch").
     ``num_items_in_batch`` and ``return_parts`` are kd_loss's too. Every rank must call it
     with the same leading shape, options and labels.
 
     Collectives per call: 1 for forward_kl and reverse_kl, 2 with hard_weight > 0, 2 for jsd with
-    0 < beta < 1; none in backward. Only per-row scalars travel (float64).
+    0 < beta < 1 and for tvd; none in backward. Only per-row scalars travel (float64).
     """
     opts = loss_options(NAME, options, ("group", "labels", "num_items_in_batch", "return_parts"))
     _check_options(opts, options)
@@ -397,6 +349,8 @@ def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, gr
     check_logits("teacher_logits", teacher_logits)
     check_same_tokens("student_logits", student_logits, "teacher_logits", teacher_logits)
     num_items_in_batch = check_num_items(num_items_in_batch, opts)
+    backend_name = resolve_backend(opts.backend, student_logits.device, (student_logits.dtype, teacher_logits.dtype),
+                                   "vocab_shard")
     want_grad = student_logits.requires_grad and torch.is_grad_enabled()
     lead_shape, widths = student_logits.shape[:-1], (student_logits.shape[-1], teacher_logits.shape[-1])
     student = teacher = None
@@ -405,12 +359,11 @@ def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, gr
         student, teacher = as_rows(student_logits, teacher_logits.detach())
         if opts.inplace_backward and want_grad:
             check_inplace(student_logits, student, teacher)
-    grad, kd_rows, ce_rows, weights = _forward(student, teacher, lead_shape, widths,
-                                               compute_dtype(student_logits.dtype, teacher_logits.dtype),
-                                               student_logits.device, labels, opts, group, num_items_in_batch,
-                                               want_grad)
+    grad, kd_rows, ce_rows, weights = _forward(student, teacher, lead_shape, widths, student_logits.device, labels,
+                                               opts, group, num_items_in_batch, want_grad, backend_name)
     loss, kd_rows, ce_rows = _VocabParallelFunction.apply(student, grad, kd_rows, ce_rows, weights,
-                                                          opts.expected_grad_output, opts.reduction == "none", NAME)
+                                                          opts.expected_grad_output, opts.reduction == "none", NAME,
+                                                          backend_name)
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)
 
 
@@ -440,7 +393,7 @@ def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tens
     """The slice's weighted gradient (or None), the row losses and the reduction weights of the
     sparse loss, from the (B, M, V_rank) student rows."""
     rank, world = _group_rank(group, SPARSE_NAME)
-    n_batch, n_per_batch, width = student.shape
+    width = student.shape[-1]
     dtype, device = compute_dtype(student.dtype, teacher_logprobs.dtype), student.device
     hard = opts.hard_weight > 0
     inv_temp = 1.0 / opts.temperature
@@ -448,7 +401,8 @@ def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tens
     n_rows = math.prod(lead_shape)
 
     # 1. The widths, and each slice's maximum and exp-sums per row.
-    widths, gathered = stats.exchange([width], student, None, n_rows, dtype, device, world, group)
+    widths, gathered = stats.exchange([width], student, None, n_rows, device, world, group, vocab_shard_stats,
+                                      opts.kernel_params)
     vocab = sum(w for (w,) in widths)
     if vocab == 0:
         raise ValueError("student_logits has an empty vocabulary dimension on every rank (V=0)")
@@ -475,17 +429,17 @@ def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tens
         """This rank's chunks of rows, their log-probabilities and which columns are ids; none for an empty slice."""
         if width == 0:
             return
-        for b, m0, m1, r0, r1 in _chunks(n_batch, n_per_batch, width):
-            s = student[b, m0:m1].to(dtype)
-            in_ids = torch.zeros(r1 - r0, width + 1, dtype=torch.bool, device=device)
-            in_ids = in_ids.scatter_(-1, slot[r0:r1], True)[:, :width]
-            yield s, glob.log_probs(s, "s", rank, r0, r1, inv_temp), in_ids, b, m0, m1, r0, r1
+        for b, positions, rows in row_chunks(student.shape):
+            s = student[b, positions].to(dtype)
+            in_ids = torch.zeros(s.shape[0], width + 1, dtype=torch.bool, device=device)
+            in_ids = in_ids.scatter_(-1, slot[rows], True)[:, :width]
+            yield s, glob.log_probs(s, "s", rank, rows, inv_temp), in_ids, b, positions, rows
 
-    for s, log_p, in_ids, b, m0, m1, r0, r1 in chunks():
-        picked = student[b, m0:m1].gather(-1, torch.where(owned[r0:r1], local_ids[r0:r1], 0)).double()
-        log_pk[:, r0:r1] = torch.where(owned[r0:r1], glob.log_probs(picked, "s", rank, r0, r1, inv_temp), 0.0).T
-        log_rest[r0:r1] = log_p.masked_fill(in_ids, -math.inf).logsumexp(-1).double()
-        n_rest[r0:r1] = (~in_ids).sum(-1)
+    for s, log_p, in_ids, b, positions, rows in chunks():
+        picked = student[b, positions].gather(-1, torch.where(owned[rows], local_ids[rows], 0)).double()
+        log_pk[:, rows] = torch.where(owned[rows], glob.log_probs(picked, "s", rank, rows, inv_temp), 0.0).T
+        log_rest[rows] = log_p.masked_fill(in_ids, -math.inf).logsumexp(-1).double()
+        n_rest[rows] = (~in_ids).sum(-1)
     second = [log_pk, log_rest[None], n_rest[None]] + ([hard_labels.logit[None]] if hard else [])
     gathered = _gather(torch.cat(second), world, group)  # (world, K + 2 (+ 1), rows), in the same order everywhere
     log_pk = gathered[:, :k].sum(0).T  # one owner per id: the others add 0
@@ -500,12 +454,12 @@ def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tens
         grad = student if opts.inplace_backward else gradient_buffer(student, "torch")
         write_gradient = _GradientWriter(grad, _kd_scale(weights, undefined, inv_temp, dtype), ignored, hard_labels,
                                          glob, rank)
-        for s, log_p, in_ids, b, m0, m1, r0, r1 in chunks():
-            share = (log_p - log_rest[r0:r1, None].to(dtype)).exp()  # p_j / p_rest
+        for s, log_p, in_ids, b, positions, rows in chunks():
+            share = (log_p - log_rest[rows, None].to(dtype)).exp()  # p_j / p_rest
             rest_share = torch.where(in_ids | (log_p == -math.inf), 0.0, share)
-            d_kd = torch.cat([rest_share.mul_(dz[r0:r1, k:].to(dtype)), rest_share.new_zeros(r1 - r0, 1)], -1)
-            d_kd = d_kd.scatter_(-1, slot[r0:r1], dz[r0:r1, :k].to(dtype))[:, :width]
-            write_gradient(d_kd, s, b, m0, m1, r0, r1)
+            d_kd = torch.cat([rest_share.mul_(dz[rows, k:].to(dtype)), rest_share.new_zeros(s.shape[0], 1)], -1)
+            d_kd = d_kd.scatter_(-1, slot[rows], dz[rows, :k].to(dtype))[:, :width]
+            write_gradient(d_kd, s, b, positions, rows)
 
     kd = torch.where(ignored, 0.0, torch.where(undefined, math.nan, kd))
     ce = _HardLabels.cross_entropy(glob, gathered[:, -1].sum(0), ignored, undefined) if hard else torch.zeros_like(kd)
@@ -534,6 +488,9 @@ def vocab_parallel_sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, t
     """
     opts = loss_options(SPARSE_NAME, options, ("group", "labels", "tail", "num_items_in_batch", "return_parts"))
     _check_options(opts, options, SPARSE_NAME)
+    if opts.backend not in ("auto", "torch"):
+        raise ValueError(f"{SPARSE_NAME}() runs its per-shard work with torch ops, not a fused kernel: backend must "
+                         f"be 'auto' or 'torch', got {opts.backend!r}")
     check_sparse_options(opts, tail)
     check_logits("student_logits", student_logits)
     num_items_in_batch = check_num_items(num_items_in_batch, opts)
@@ -546,5 +503,5 @@ def vocab_parallel_sparse_kd_loss(student_logits: Tensor, teacher_ids: Tensor, t
                                                       opts, tail, group, num_items_in_batch, want_grad)
     loss, kd_rows, ce_rows = _VocabParallelFunction.apply(student, grad, kd_rows, ce_rows, weights,
                                                           opts.expected_grad_output, opts.reduction == "none",
-                                                          SPARSE_NAME)
+                                                          SPARSE_NAME, "torch")
     return weights.finish(loss, kd_rows, ce_rows, lead_shape, opts, return_parts)

@@ -145,8 +145,10 @@ else
 fi
 sanitize memcheck 35 cuda
 
-# --- 4. full size: real vocabularies, the benchmark shape, > 2^31 offsets, in place, streams, sparse
-step tests_full 120 "${PYTEST[@]}" -m gpu tests/backends/test_gpu.py --junitxml "$LOGS/tests_full.xml"
+# --- 4. full size: real vocabularies, the benchmark shape, > 2^31 offsets, in place, streams, sparse, and
+# the vocabulary-parallel loss's per-shard kernels on a tensor-parallel slice
+step tests_full 120 "${PYTEST[@]}" -m gpu tests/backends/test_gpu.py tests/backends/test_vocab_shard.py \
+    --junitxml "$LOGS/tests_full.xml"
 
 # --- 5. every kdfast kernel's benchmark cells (budget-s: start no cell after; the step's limit on top)
 bench gpu-core 75 40 gpu-core 'kdfast-triton*,kdfast-cuda*'
@@ -158,6 +160,12 @@ if [[ $DRY == 1 ]]; then
     step triton_grid 60 "$PY" -m benchmarks.triton_grid --device cpu --n 2 --vocabs 300 --repeats 1
 else
     step triton_grid 60 "$PY" -m benchmarks.triton_grid --device cuda
+fi
+# one rank's slice of the vocabulary-parallel loss (its per-shard kernels) against kd_loss on the slice
+if [[ $DRY == 1 ]]; then
+    step vocab_parallel 40 "$PY" -m benchmarks.vocab_parallel --device cpu --rows 64 --vocab 2048 --tp 2
+else
+    step vocab_parallel 40 "$PY" -m benchmarks.vocab_parallel --device cuda
 fi
 
 # --- 6. the races and barriers, the remaining GPU tests, then the peers with what time is left
@@ -221,7 +229,7 @@ failures=$(grep -hE '^(FAIL|FAILED|ERROR)|kdfast FAILED|ERROR:|========= (Invali
     echo "${failures:-none}"
     echo '```'
     echo
-    for name in triton_grid trl_step teacher_memory; do  # their tables are their logs' last lines
+    for name in triton_grid vocab_parallel trl_step teacher_memory; do  # their tables are their logs' last lines
         [[ -s $LOGS/$name.log ]] && { echo "## $name"; echo; grep '^|' "$LOGS/$name.log"; echo; }
     done
     echo "## kdfast benchmark cells"

@@ -24,6 +24,10 @@ and one line in ``registry.BACKEND_MODULES``. Its record holds:
     the sparse-teacher loss (kdfast.sparse), the same contract with (B*M, K) teacher ids and
     log-probabilities in place of the teacher logits; ``kernel_unavailable_reason(kernel)``
     says when a kernel built on its own cannot run though the backend can.
+``vocab_shard`` (optional, a :class:`VocabShardKernels`)
+    the per-shard work of the vocabulary-parallel loss (kdfast.distributed): the student's and
+    teacher's (B, M, W) slices of the vocabulary, W > 0, reduced to per-row statistics, and the
+    slice's gradient from the rows' global normalisers, which the caller combines across ranks.
 ``gradient_buffer(student) -> Tensor`` and ``empty_cache()`` (optional)
     a contiguous buffer of the student's shape and dtype for ``grad``, which the backend
     may recycle once no tensor refers to it, and the release of what it keeps; backends
@@ -124,6 +128,35 @@ class SparseKernelParams(NamedTuple):
     student_cap: float = 0.0
 
 
+# The per-row statistics of a slice, vocab_shard.stats's rows: with a = (x - shift) / T, shift the slice's
+# maximum (0 where it is -inf), the maxima, the exp-sums of a, the student's exp-sum at T = 1 (params.hard),
+# and cross = sum e^a_t (a_t - a_s) (forward KL) or sum e^a_s (a_s - a_t) (reverse KL), else 0.
+SHARD_STATS = ("max_s", "max_t", "sum_s", "sum_t", "sum_s1", "cross")
+# The per-row values vocab_shard.mixture and .gradient read, a (len(SHARD_ROWS), B*M) tensor: on the slice,
+# log p = (x - shift) / T - offset for each side, and (x_s - shift_s) - offset_s1 at T = 1; the row's global
+# kd and kl_student_mix (jsd: KL(p_s || m)) or mass_below / mass_above (tvd: see tvd_factor); the gradient's
+# weights of d(kd)/d(s / T) (NaN for an undefined row) and of d(ce)/ds; ignored != 0: a zero gradient row.
+SHARD_ROWS = ("shift_s", "shift_t", "offset_s", "offset_t", "offset_s1", "kd", "kl_student_mix", "mass_below",
+              "mass_above", "coef_kd", "coef_ce", "ignored")
+
+
+class VocabShardKernels(NamedTuple):
+    """The per-shard kernels of the vocabulary-parallel loss, on (B, M, W) slices as kd_forward's.
+
+    ``stats(student, teacher, params) -> Tensor``: (len(SHARD_STATS), B*M), float32 or float64.
+    ``mixture(student, teacher, rows, params) -> Tensor``: (3, B*M), the slice's share of sums that
+    need the global normalisers: jsd, [KL(p_t || m), KL(p_s || m), 0]; tvd, [0.5 sum |p_t - p_s|,
+    mass_below, mass_above] (see SHARD_ROWS).
+    ``gradient(student, teacher, labels, grad, rows, params)``: writes coef_kd * d(kd)/d(s / T) +
+    coef_ce * d(ce)/ds into grad (possibly the student); labels: each row's label as a column of the
+    slice, W where another rank owns it.
+    """
+
+    stats: Callable
+    mixture: Callable
+    gradient: Callable
+
+
 def _always_available(kernel: str) -> Optional[str]:
     return None
 
@@ -142,10 +175,12 @@ class Backend:
     gradient_buffer: Optional[Callable] = None
     empty_cache: Optional[Callable] = None
     scale_grad_: Optional[Callable] = None
+    vocab_shard: Optional[VocabShardKernels] = None
 
-    def kernel(self, name: str) -> Optional[Callable]:
+    def kernel(self, name: str):
         """The kernel called ``name`` (one of KERNELS), or None if this backend lacks it."""
-        return {"kd_forward": self.kd_forward, "sparse_kd_forward": self.sparse_kd_forward}[name]
+        return {"kd_forward": self.kd_forward, "sparse_kd_forward": self.sparse_kd_forward,
+                "vocab_shard": self.vocab_shard}[name]
 
 
-KERNELS = ("kd_forward", "sparse_kd_forward")
+KERNELS = ("kd_forward", "sparse_kd_forward", "vocab_shard")

@@ -96,8 +96,10 @@ def _auto(device: torch.device, dtypes: tuple[torch.dtype, ...], kernel: str) ->
                 and kernel_unavailable_reason(name, kernel) is None:
             return name
     if device.type == "cpu" and torch.float64 not in dtypes and not _warned_fallback:
-        reason = unavailable_reason("cpu") or kernel_unavailable_reason("cpu", kernel)
-        if reason is not None:
+        reason = unavailable_reason("cpu")
+        if reason is None and backend("cpu").kernel(kernel) is not None:
+            reason = backend("cpu").kernel_unavailable_reason(kernel)
+        if reason is not None:  # a fused kernel that cannot run here, not one the cpu backend lacks
             _warned_fallback = True
             warnings.warn(f"kdfast: the fused CPU kernel is unavailable ({reason}); "
                           "using the slower pure-PyTorch backend", RuntimeWarning, stacklevel=4)

@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from . import (FORWARD_KL, JSD, REVERSE_KL, TAIL_BUCKET, TAIL_RENORM, TVD, Backend, KernelParams, compute_dtype,
-               jsd_weights)
+from . import (FORWARD_KL, JSD, REVERSE_KL, SHARD_ROWS, SHARD_STATS, TAIL_BUCKET, TAIL_RENORM, TVD, Backend,
+               KernelParams, VocabShardKernels, compute_dtype, jsd_weights)
 
 CHUNK_ELEMENTS = 1 << 21  # elements per temporary; about eight temporaries are alive at once
 
@@ -21,13 +21,13 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _weighted_sum(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """sum(weight * values) over the last dim with 0 * inf = 0 (so 0 * log 0 = 0).
+def _weighted_sum(weight: torch.Tensor, values: torch.Tensor, dtype=None) -> torch.Tensor:
+    """sum(weight * values) over the last dim (accumulated in dtype) with 0 * inf = 0 (so 0 * log 0 = 0).
 
     weight is a probability and values a difference of log-probabilities, so a NaN in the
     product is 0 * inf; NaN inputs are handled per row by the caller.
     """
-    return (weight * values).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1)
+    return (weight * values).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf).sum(-1, dtype=dtype)
 
 
 # Below it, expm1 cannot overflow (in float32 either); above it, where w_small < e^-64,
@@ -78,6 +78,21 @@ def _tvd_masses(ps: torch.Tensor, above: torch.Tensor, below: torch.Tensor) -> t
             ps.masked_fill(~below, 0.0).sum(-1, keepdim=True).add_(tied))
 
 
+def _kd_gradient(ps, log_ps, log_pt, params: KernelParams, kd, kl_student_mix, mass_below, mass_above):
+    """d(kd_row)/d(s / T) from the log-probabilities (ps = exp(log_ps)) and the row values each divergence's
+    gradient needs (columns): reverse KL its kd, jsd KL(p_s || m), tvd the masses of _tvd_masses."""
+    if params.divergence == FORWARD_KL:
+        return ps - log_pt.exp()
+    if params.divergence == REVERSE_KL:
+        return torch.where(ps > 0, ps * (log_ps - log_pt).sub_(kd), 0.0)
+    if params.divergence == TVD:
+        pt = log_pt.exp()
+        return ps * torch.where(ps > pt, mass_below, torch.where(ps < pt, -mass_above, 0.5 * (mass_below - mass_above)))
+    weights = jsd_weights(params.beta)
+    _, student_vs_mix = jsd_log_ratios(log_pt, log_ps, weights)  # log m - log p_s
+    return torch.where(ps > 0, ps * student_vs_mix.neg_().sub_(kl_student_mix), 0.0).mul_(weights.student)
+
+
 def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     """Row losses (and the weighted gradient) of a (rows, V) chunk already in the compute dtype."""
     inv_temp = 1.0 / params.temperature
@@ -86,32 +101,24 @@ def _chunk(s, t, labels, coefs, params: KernelParams, want_grad: bool):
     log_ps = torch.log_softmax((s - max_s).mul_(inv_temp), dim=-1)
     log_pt = torch.log_softmax((t - max_t).mul_(1.0 / params.teacher_temperature), dim=-1)
     ps, pt = log_ps.exp(), log_pt.exp()
+    kl_student_mix = mass_below = mass_above = None
     if params.divergence == FORWARD_KL:
         kd = _weighted_sum(pt, log_pt - log_ps)
-        d_kd = ps - pt if want_grad else None
     elif params.divergence == REVERSE_KL:
-        log_ratio = log_ps - log_pt
-        kd = _weighted_sum(ps, log_ratio)
-        d_kd = torch.where(ps > 0, ps * log_ratio.sub_(kd[:, None]), 0.0) if want_grad else None
+        kd = _weighted_sum(ps, log_ps - log_pt)
     elif params.divergence == TVD:
         diff = ps - pt
         kd = 0.5 * diff.abs().sum(-1)
-        d_kd = None
         if want_grad:
-            above, below = diff > 0, diff < 0
-            mass_above, mass_below = _tvd_masses(ps, above, below)
-            d_kd = ps * torch.where(above, mass_below, torch.where(below, -mass_above, 0.5 * (mass_below - mass_above)))
+            mass_above, mass_below = _tvd_masses(ps, diff > 0, diff < 0)
     else:
         assert params.divergence == JSD and 0.0 < params.beta < 1.0
         weights = jsd_weights(params.beta)
         teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, weights)  # log m - log p, each side
-        kl_student_mix = -_weighted_sum(ps, student_vs_mix)
-        kd = -weights.teacher * _weighted_sum(pt, teacher_vs_mix) + weights.student * kl_student_mix
-        d_kd = None
-        if want_grad:
-            # log p_s - log m = -student_vs_mix
-            d_kd = torch.where(ps > 0, ps * student_vs_mix.neg_().sub_(kl_student_mix[:, None]), 0.0)
-            d_kd.mul_(weights.student)
+        kl_student_mix = -_weighted_sum(ps, student_vs_mix)[:, None]
+        kd = -weights.teacher * _weighted_sum(pt, teacher_vs_mix) + weights.student * kl_student_mix[:, 0]
+    d_kd = _kd_gradient(ps, log_ps, log_pt, params, kd[:, None], kl_student_mix, mass_below, mass_above) \
+        if want_grad else None
 
     # NaN, +inf, or an all -inf row: the softmax is undefined, so the row loss is NaN.
     undefined = ~(torch.isfinite(max_s[:, 0]) & torch.isfinite(max_t[:, 0]))
@@ -148,19 +155,26 @@ def _over_row_chunks(student, grad, dtype, chunk_fn, params):
     """Runs chunk_fn(student[b, m0:m1] in dtype and transformed, b, slice(m0, m1), slice(r0, r1)) over
     chunks of the (B, M, V) student's rows (r: the flat row index); collects the row losses, and writes
     the gradient chunks, taken back through the student's logit transforms, into grad when it is given."""
-    n_batch, n_rows, vocab = student.shape
+    n_batch, n_rows, _ = student.shape
     kd_rows = torch.zeros(n_batch * n_rows, dtype=dtype, device=student.device)
     ce_rows = torch.zeros_like(kd_rows)
+    for b, positions, rows in row_chunks(student.shape):
+        s, slope = transform_logits(student[b, positions].to(dtype), params.student_scale, params.student_cap)
+        kd_rows[rows], ce_rows[rows], g = chunk_fn(s, b, positions, rows)
+        if grad is not None:
+            grad[b, positions] = g if isinstance(slope, float) and slope == 1.0 else g.mul_(slope)
+    return kd_rows, ce_rows
+
+
+def row_chunks(shape: torch.Size):
+    """(b, positions, rows) over chunks of the rows of a (B, M, V) tensor, V > 0: its rows [b, positions],
+    the flat row indices rows, at most about CHUNK_ELEMENTS elements at a time."""
+    n_batch, n_rows, vocab = shape
     step = max(1, CHUNK_ELEMENTS // vocab)
     for b in range(n_batch):
         for m0 in range(0, n_rows, step):
             m1 = min(n_rows, m0 + step)
-            r0, r1 = b * n_rows + m0, b * n_rows + m1
-            s, slope = transform_logits(student[b, m0:m1].to(dtype), params.student_scale, params.student_cap)
-            kd_rows[r0:r1], ce_rows[r0:r1], g = chunk_fn(s, b, slice(m0, m1), slice(r0, r1))
-            if grad is not None:
-                grad[b, m0:m1] = g if isinstance(slope, float) and slope == 1.0 else g.mul_(slope)
-    return kd_rows, ce_rows
+            yield b, slice(m0, m1), slice(b * n_rows + m0, b * n_rows + m1)
 
 
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams):
@@ -275,5 +289,85 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
     return _over_row_chunks(student, grad, dtype, chunk, params)
 
 
+# --- the vocabulary-parallel loss's per-shard kernels (kdfast.distributed; the contract in kdfast.backends) ---
+
+def centred(x: torch.Tensor, row_max: torch.Tensor, scale: float) -> torch.Tensor:
+    """(x - max) * scale per row; a row whose max is -inf is shifted by 0 (it stays -inf)."""
+    shift = torch.where(row_max == -math.inf, 0.0, row_max)
+    return (x - shift[:, None]).mul_(scale)
+
+
+def vocab_shard_stats(student, teacher, params: KernelParams) -> torch.Tensor:
+    """SHARD_STATS of each row, summed in float64; without a teacher (None) its rows are -inf and 0."""
+    dtype = compute_dtype(student.dtype, *(() if teacher is None else (teacher.dtype,)))
+    n_batch, n_rows, _ = student.shape
+    out = torch.zeros(len(SHARD_STATS), n_batch * n_rows, dtype=torch.float64, device=student.device)
+    out[:2] = -math.inf
+    stat = {name: out[i] for i, name in enumerate(SHARD_STATS)}
+    for b, positions, rows in row_chunks(student.shape):
+        s = student[b, positions].to(dtype)
+        stat["max_s"][rows] = max_s = s.amax(-1)
+        a_s = centred(s, max_s, 1.0 / params.temperature)
+        e_s = a_s.exp()
+        stat["sum_s"][rows] = e_s.sum(-1, dtype=torch.float64)
+        if params.hard:
+            stat["sum_s1"][rows] = centred(s, max_s, 1.0).exp_().sum(-1, dtype=torch.float64)
+        if teacher is None:
+            continue
+        t = teacher[b, positions].to(dtype)
+        stat["max_t"][rows] = max_t = t.amax(-1)
+        a_t = centred(t, max_t, 1.0 / params.teacher_temperature)
+        e_t = a_t.exp()
+        stat["sum_t"][rows] = e_t.sum(-1, dtype=torch.float64)
+        if params.divergence == FORWARD_KL:
+            stat["cross"][rows] = _weighted_sum(e_t, a_t - a_s, torch.float64)
+        elif params.divergence == REVERSE_KL:
+            stat["cross"][rows] = _weighted_sum(e_s, a_s - a_t, torch.float64)
+    return out
+
+
+def _shard_chunks(student, teacher, rows_values: torch.Tensor, params: KernelParams):
+    """(b, positions, s, log p_s, log p_t, row values by SHARD_ROWS name as (rows, 1) columns) over chunks."""
+    dtype = compute_dtype(student.dtype, teacher.dtype)
+    for b, positions, rows in row_chunks(student.shape):
+        row = dict(zip(SHARD_ROWS, rows_values[:, rows].to(dtype)[..., None].unbind(0)))
+        s = student[b, positions].to(dtype)
+        log_ps = (s - row["shift_s"]).mul_(1.0 / params.temperature).sub_(row["offset_s"])
+        log_pt = (teacher[b, positions].to(dtype) - row["shift_t"]).mul_(1.0 / params.teacher_temperature)
+        yield b, positions, rows, s, log_ps, log_pt.sub_(row["offset_t"]), row
+
+
+def vocab_shard_mixture(student, teacher, rows_values: torch.Tensor, params: KernelParams) -> torch.Tensor:
+    out = torch.zeros(3, rows_values.shape[1], dtype=torch.float64, device=student.device)
+    for _, _, rows, _, log_ps, log_pt, _ in _shard_chunks(student, teacher, rows_values, params):
+        ps, pt = log_ps.exp(), log_pt.exp()
+        if params.divergence == JSD:
+            teacher_vs_mix, student_vs_mix = jsd_log_ratios(log_pt, log_ps, jsd_weights(params.beta))
+            out[0, rows] = -_weighted_sum(pt, teacher_vs_mix, torch.float64)
+            out[1, rows] = -_weighted_sum(ps, student_vs_mix, torch.float64)
+        else:
+            assert params.divergence == TVD
+            diff = ps - pt
+            out[0, rows] = 0.5 * diff.abs().sum(-1, dtype=torch.float64)
+            mass_above, mass_below = _tvd_masses(ps, diff > 0, diff < 0)
+            out[1, rows], out[2, rows] = mass_below[:, 0], mass_above[:, 0]
+    return out
+
+
+def vocab_shard_gradient(student, teacher, labels, grad, rows_values: torch.Tensor, params: KernelParams) -> None:
+    for b, positions, rows, s, log_ps, log_pt, row in _shard_chunks(student, teacher, rows_values, params):
+        d_kd = _kd_gradient(log_ps.exp(), log_ps, log_pt, params, row["kd"], row["kl_student_mix"],
+                            row["mass_below"], row["mass_above"])
+        g = d_kd.mul_(row["coef_kd"])
+        if params.hard:
+            owned = labels[rows, None] < s.shape[-1]
+            d_ce = (s - row["shift_s"]).sub_(row["offset_s1"]).exp_()  # softmax at T = 1
+            d_ce.scatter_add_(-1, torch.where(owned, labels[rows, None], 0), -owned.to(s.dtype))
+            g.add_(d_ce.mul_(row["coef_ce"]))
+        g[row["ignored"][:, 0] != 0] = 0.0  # ignored rows get no gradient, whatever their logits hold
+        grad[b, positions] = g
+
+
 BACKEND = Backend("torch", None, (torch.float32, torch.bfloat16, torch.float16, torch.float64), unavailable_reason,
-                  kd_forward, sparse_kd_forward=sparse_kd_forward)
+                  kd_forward, sparse_kd_forward=sparse_kd_forward,
+                  vocab_shard=VocabShardKernels(vocab_shard_stats, vocab_shard_mixture, vocab_shard_gradient))

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import FORWARD_KL, JSD, REVERSE_KL, TVD, Backend, KernelParams, jsd_weights, on_device_of
-from .triton_math import expm1_f32, load_logits, log1p_f32, row_label, store_ignored_row, transform_logits
+from . import (FORWARD_KL, JSD, REVERSE_KL, SHARD_ROWS, SHARD_STATS, TVD, Backend, KernelParams, VocabShardKernels,
+               jsd_weights, on_device_of)
+from .triton_math import expm1_f32, fill_row, load_logits, log1p_f32, row_label, store_ignored_row, transform_logits
 from .triton_sparse import sparse_kd_forward
 
 # The divergence codes as the kernels' compile-time constants (a jit function reads only constexpr globals).
@@ -405,7 +406,128 @@ def scale_grad_(grad, grad_output) -> None:
                                  grad.stride(1), vocab, PER_ROW=grad_output.numel() != 1, BLOCK=block, num_warps=4)
 
 
+# --- the vocabulary-parallel loss's per-shard kernels (kdfast.distributed; the contract in kdfast.backends) ---
+# The same sweeps as _kd_rows_kernel's, on a rank's slice of each row: sweep 1 gives the slice's statistics;
+# once the ranks have combined them, the mixture sweep (jsd, tvd) and the gradient sweep run against the
+# rows' global normalisers, given as a shift and an offset per side: log p = (x - shift) / T - offset.
+
+# The rows' fields, as constexpr indices (a jit function reads only constexpr globals).
+(SHIFT_S, SHIFT_T, OFFSET_S, OFFSET_T, OFFSET_S1, ROW_KD, KL_STUDENT_MIX, MASS_BELOW, MASS_ABOVE, COEF_KD, COEF_CE,
+ IGNORED) = (tl.constexpr(SHARD_ROWS.index(name)) for name in SHARD_ROWS)
+
+
+@triton.jit
+def _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m):
+    """(row, its student slice, its teacher slice) of this program."""
+    row = tl.program_id(0).to(tl.int64)
+    batch, pos = row // rows_per_batch, row % rows_per_batch
+    return row, s_ptr + batch * s_stride_b + pos * s_stride_m, t_ptr + batch * t_stride_b + pos * t_stride_m
+
+
+@triton.jit
+def _shard_stats_kernel(s_ptr, t_ptr, out_ptr, n_rows, rows_per_batch, s_stride_b, s_stride_m, t_stride_b,
+                        t_stride_m, width, inv_temp, inv_temp_t, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
+                        BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+    row, s_row, t_row = _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m)
+    m_s, m_t, z_s, z_t, cross, z1 = online_softmax(s_row, t_row, width, inv_temp, inv_temp_t, 1.0, 0.0, 1.0, 0.0,
+                                                   DIVERGENCE, HARD, False, False, BLOCK, NUM_STAGES)
+    # A NaN in the slice makes its maximum NaN, as torch's amax does (tl.maximum may skip it).
+    tl.store(out_ptr + row, tl.where(z_s == z_s, m_s, float("nan")))
+    tl.store(out_ptr + n_rows + row, tl.where(z_t == z_t, m_t, float("nan")))
+    tl.store(out_ptr + 2 * n_rows + row, z_s)
+    tl.store(out_ptr + 3 * n_rows + row, z_t)
+    tl.store(out_ptr + 4 * n_rows + row, z1)
+    tl.store(out_ptr + 5 * n_rows + row, cross)
+
+
+@triton.jit
+def _shard_mixture_kernel(s_ptr, t_ptr, rows_ptr, out_ptr, n_rows, rows_per_batch, s_stride_b, s_stride_m,
+                          t_stride_b, t_stride_m, width, inv_temp, inv_temp_t, w_small, log_w_small, jsd_c, jsd_split,
+                          DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, BLOCK: tl.constexpr,
+                          NUM_STAGES: tl.constexpr):
+    row, s_row, t_row = _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m)
+    row_values = rows_ptr + row
+    # With weights (1, 0) mixture_terms's kd is the slice's KL(p_t || m); tvd's kd is its 0.5 sum |p_t - p_s|.
+    kd, kl_student_mix, mass_below, mass_above = mixture_terms(
+        s_row, t_row, width, tl.load(row_values + SHIFT_S * n_rows), tl.load(row_values + SHIFT_T * n_rows),
+        tl.load(row_values + OFFSET_S * n_rows), tl.load(row_values + OFFSET_T * n_rows), inv_temp,
+        inv_temp_t, 1.0, 0.0, 1.0, 0.0, w_small, log_w_small, jsd_c, jsd_split, 1.0, 0.0, DIVERGENCE, TEACHER_IS_A,
+        False, False, BLOCK, NUM_STAGES)
+    tl.store(out_ptr + row, kd)
+    tl.store(out_ptr + n_rows + row, kl_student_mix + mass_below)  # one of them is 0
+    tl.store(out_ptr + 2 * n_rows + row, mass_above)
+
+
+@triton.jit
+def _shard_gradient_kernel(s_ptr, t_ptr, g_ptr, labels_ptr, rows_ptr, n_rows, rows_per_batch, s_stride_b, s_stride_m,
+                           t_stride_b, t_stride_m, g_stride_b, g_stride_m, width, inv_temp, inv_temp_t, w_small,
+                           log_w_small, jsd_c, jsd_split, w_student, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
+                           TEACHER_IS_A: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+    row, s_row, t_row = _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m)
+    g_row = g_ptr + (row // rows_per_batch) * g_stride_b + (row % rows_per_batch) * g_stride_m
+    if tl.load(rows_ptr + IGNORED * n_rows + row) != 0:  # not read: a zero gradient, whatever the row holds
+        fill_row(g_row, width, BLOCK)
+    else:
+        row_values = rows_ptr + row
+        write_gradient(s_row, t_row, g_row, width, tl.load(labels_ptr + row),
+                       tl.load(row_values + SHIFT_S * n_rows), tl.load(row_values + SHIFT_T * n_rows),
+                       tl.load(row_values + OFFSET_S * n_rows), tl.load(row_values + OFFSET_T * n_rows),
+                       tl.load(row_values + OFFSET_S1 * n_rows), inv_temp, inv_temp_t, 1.0, 0.0, 1.0, 0.0,
+                       tl.load(row_values + ROW_KD * n_rows), tl.load(row_values + KL_STUDENT_MIX * n_rows),
+                       tl.load(row_values + MASS_BELOW * n_rows), tl.load(row_values + MASS_ABOVE * n_rows),
+                       tl.load(row_values + COEF_KD * n_rows), tl.load(row_values + COEF_CE * n_rows), 0.0, w_small,
+                       log_w_small, jsd_c, jsd_split, w_student, DIVERGENCE, HARD, TEACHER_IS_A, False, False, BLOCK,
+                       NUM_STAGES)
+
+
+def _slice_args(student, teacher) -> tuple:
+    n_batch, rows_per_batch, width = student.shape
+    return (n_batch * rows_per_batch, rows_per_batch, student.stride(0), student.stride(1), teacher.stride(0),
+            teacher.stride(1))
+
+
+def vocab_shard_stats(student, teacher, params: KernelParams, config: Optional[LaunchConfig] = None):
+    n_rows, width = student.shape[0] * student.shape[1], student.shape[2]
+    out = torch.empty(len(SHARD_STATS), n_rows, dtype=torch.float32, device=student.device)
+    config = config or launch_config(width)
+    with on_device_of(student):
+        _shard_stats_kernel[(n_rows,)](
+            student, teacher, out, *_slice_args(student, teacher), width, 1.0 / params.temperature,
+            1.0 / params.teacher_temperature, DIVERGENCE=params.divergence, HARD=params.hard, BLOCK=config.block,
+            NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+    return out
+
+
+def vocab_shard_mixture(student, teacher, rows, params: KernelParams, config: Optional[LaunchConfig] = None):
+    n_rows, width = student.shape[0] * student.shape[1], student.shape[2]
+    out = torch.empty(3, n_rows, dtype=torch.float32, device=student.device)
+    config = config or launch_config(width)
+    jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
+    with on_device_of(student):
+        _shard_mixture_kernel[(n_rows,)](
+            student, teacher, rows.float().contiguous(), out, *_slice_args(student, teacher), width,
+            1.0 / params.temperature, 1.0 / params.teacher_temperature, jsd.w_small, jsd.log_w_small, jsd.c,
+            jsd.split, DIVERGENCE=params.divergence, TEACHER_IS_A=jsd.teacher_is_a, BLOCK=config.block,
+            NUM_STAGES=config.num_stages, num_warps=config.num_warps)
+    return out
+
+
+def vocab_shard_gradient(student, teacher, labels, grad, rows, params: KernelParams,
+                         config: Optional[LaunchConfig] = None) -> None:
+    n_rows, width = student.shape[0] * student.shape[1], student.shape[2]
+    config = config or launch_config(width)
+    jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
+    with on_device_of(student):
+        _shard_gradient_kernel[(n_rows,)](
+            student, teacher, grad, labels, rows.float().contiguous(), *_slice_args(student, teacher),
+            grad.stride(0), grad.stride(1), width, 1.0 / params.temperature, 1.0 / params.teacher_temperature,
+            jsd.w_small, jsd.log_w_small, jsd.c, jsd.split, jsd.student, DIVERGENCE=params.divergence,
+            HARD=params.hard, TEACHER_IS_A=jsd.teacher_is_a, BLOCK=config.block, NUM_STAGES=config.num_stages,
+            num_warps=config.num_warps)
+
+
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: the CPU test-suite's way in.
 BACKEND = Backend("triton", ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
                   (torch.float32, torch.bfloat16, torch.float16), unavailable_reason, kd_forward,
-                  sparse_kd_forward=sparse_kd_forward, scale_grad_=scale_grad_)
+                  sparse_kd_forward=sparse_kd_forward, scale_grad_=scale_grad_,
+                  vocab_shard=VocabShardKernels(vocab_shard_stats, vocab_shard_mixture, vocab_shard_gradient))

@@ -4,9 +4,10 @@
 
 Every rank builds the same full logits, takes its slice of the columns, and checks
 vocab_parallel_kd_loss's loss and its own gradient slice against the float64 reference on the
-full logits, case by case (and vocab_parallel_sparse_kd_loss's against sparse_kd_loss_reference);
-each case's error (or "") goes to OUT_DIR/rank{RANK}.json, with the loss and the collective calls
-counted in forward and in backward.
+full logits, case by case, on the torch backend's per-shard kernels and on Triton's (in its
+interpreter: the test sets TRITON_INTERPRET=1), and vocab_parallel_sparse_kd_loss's against
+sparse_kd_loss_reference; each case's error (or "") goes to OUT_DIR/rank{RANK}.json, with the
+loss and the collective calls counted in forward and in backward.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
 
-from helpers import make_labels, make_logits, rel_err  # noqa: E402
+from helpers import make_labels, make_logits, rel_err, stored_as  # noqa: E402
 
 import kdfast  # noqa: E402
 from kdfast.distributed import vocab_parallel_kd_loss, vocab_parallel_sparse_kd_loss  # noqa: E402
@@ -49,7 +50,8 @@ def count_collectives():
             setattr(dist, name, counted)
 
 
-DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0)]
+DIVERGENCES = [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.1), ("jsd", 0.0), ("jsd", 1.0),
+               ("tvd", 0.5)]
 REDUCTIONS = ["batchmean", "sum", "mean", "none"]
 FP32_TOL = 1e-5
 
@@ -59,7 +61,7 @@ def split(widths, x):
     return list(torch.split(x, widths, dim=-1))
 
 
-def check(name, results, rank, member_rank, widths, s_full, t_full, *, group=None, labels=None, grad_scale=None,
+def check_one(name, results, rank, member_rank, widths, s_full, t_full, *, group=None, labels=None, grad_scale=None,
           loss_tol=None, grad_tol=None, slicer=None, inplace=False, sparse=None, **options):
     """vocab_parallel_kd_loss on this rank's slice against the reference on the full logits; with
     sparse=(ids, logprobs) and t_full None, vocab_parallel_sparse_kd_loss against its reference."""
@@ -108,8 +110,9 @@ def check(name, results, rank, member_rank, widths, s_full, t_full, *, group=Non
         else:
             ltol = loss_tol if loss_tol is not None else FP32_TOL
             gtol = grad_tol if grad_tol is not None else FP32_TOL
-            if dtype != torch.float32 and grad_tol is None:
-                gtol += 3 * rel_err(ref_grad.to(dtype), ref_grad)  # the gradient is stored in bf16
+            if dtype != torch.float32 and grad_tol is None:  # the gradient is stored in bf16 (by truncation in
+                truncated = options.get("backend") == "triton"  # Triton's interpreter)
+                gtol += 3 * rel_err(stored_as(ref_grad, dtype, truncated), ref_grad)
             loss_err, grad_err = rel_err(loss, ref), rel_err(grad, ref_grad)
             if loss_err > ltol:
                 errors.append(f"loss {loss.tolist()} vs {ref.tolist()}: relative error {loss_err:.2e} > {ltol:.1e}")
@@ -129,7 +132,7 @@ def outcome(name, results, run):
     results[name] = {"error": error}
 
 
-def parts_and_nan_rows(member_rank, widths, s, t, labels, group, sparse=None) -> str:
+def parts_and_nan_rows(member_rank, widths, s, t, labels, group, sparse=None, backend="auto") -> str:
     """return_parts against kd_loss on the full logits, and a row holding NaN on the last rank
     only: NaN on every rank (loss and gradient), as kd_loss gives, the other rows unchanged; with
     sparse=(ids, logprobs), the sparse loss against sparse_kd_loss."""
@@ -142,7 +145,7 @@ def parts_and_nan_rows(member_rank, widths, s, t, labels, group, sparse=None) ->
             return kdfast.sparse_kd_loss(full, *sparse, backend="torch", **kwargs)
     else:
         def ours(part, **kwargs):
-            return vocab_parallel_kd_loss(part, split(widths, t)[member_rank], group=group, **kwargs)
+            return vocab_parallel_kd_loss(part, split(widths, t)[member_rank], group=group, backend=backend, **kwargs)
 
         def theirs(full, **kwargs):
             return kdfast.kd_loss(full, t, backend="torch", **kwargs)
@@ -179,8 +182,13 @@ class Strided:
         return x[:, :-1]
 
 
-def run_cases(results, rank, member_rank, widths, group, prefix, seed):
+def run_cases(results, rank, member_rank, widths, group, prefix, seed, backend="auto"):
+    """Every divergence and reduction, and the edge cases, on the per-shard kernels of backend."""
     gen = torch.Generator().manual_seed(seed)
+
+    def check(*args, **kwargs):
+        check_one(*args, backend=backend, **kwargs)
+
     vocab = sum(widths)
     lead = (3, 5)
     s, t = make_logits(gen, (*lead, vocab))
@@ -242,11 +250,15 @@ def run_cases(results, rank, member_rank, widths, group, prefix, seed):
     try:
         extra = 1 if member_rank == len(widths) - 1 else 0
         vocab_parallel_kd_loss(split(widths, s)[member_rank],
-                               torch.cat([split(widths, t)[member_rank], t[..., :extra]], -1), group=group)
+                               torch.cat([split(widths, t)[member_rank], t[..., :extra]], -1), group=group,
+                               backend=backend)
         results[f"{prefix}width-mismatch"] = {"error": "no error raised"}
     except ValueError as error:
         results[f"{prefix}width-mismatch"] = {"error": "" if "same width on every rank" in str(error) else str(error)}
-    outcome(f"{prefix}parts-and-kd-loss", results, lambda: parts_and_nan_rows(member_rank, widths, s, t, labels, group))
+    outcome(f"{prefix}parts-and-kd-loss", results,
+            lambda: parts_and_nan_rows(member_rank, widths, s, t, labels, group, backend=backend))
+    if backend == "triton":  # float64 logits run on the torch backend only
+        return
     s64, t64 = s.double(), t.double()
     check(f"{prefix}float64", results, rank, member_rank, widths, s64, t64, group=group, labels=labels,
           divergence="jsd", beta=0.7, hard_weight=0.5, loss_tol=1e-10, grad_tol=1e-10)
@@ -281,48 +293,48 @@ def run_sparse_cases(results, rank, member_rank, widths, group, prefix, seed):
     for divergence, beta in SPARSE_DIVERGENCES:
         for reduction in ("batchmean", "sum", "none"):
             grad_scale = torch.rand(lead if reduction == "none" else (), generator=gen, dtype=torch.float64) + 0.5
-            check(f"{prefix}{divergence}-{beta}-{reduction}", results, rank, member_rank, widths, s, None,
+            check_one(f"{prefix}{divergence}-{beta}-{reduction}", results, rank, member_rank, widths, s, None,
                   sparse=teacher, group=group, labels=labels, temperature=2.0, divergence=divergence, beta=beta,
                   reduction=reduction, grad_scale=grad_scale)
-        check(f"{prefix}{divergence}-{beta}-hard", results, rank, member_rank, widths, s, None, sparse=teacher,
+        check_one(f"{prefix}{divergence}-{beta}-hard", results, rank, member_rank, widths, s, None, sparse=teacher,
               group=group, labels=labels, temperature=2.0, divergence=divergence, beta=beta, hard_weight=0.7,
               soft_weight=0.3, scale_t2=False)
         # The ids cover the vocabulary: no rest (K = V).
-        check(f"{prefix}{divergence}-{beta}-covering", results, rank, member_rank, widths, s, None,
+        check_one(f"{prefix}{divergence}-{beta}-covering", results, rank, member_rank, widths, s, None,
               sparse=sparse_teacher(gen, t, vocab, 1.0), group=group, labels=labels, divergence=divergence,
               beta=beta, hard_weight=0.2)
     for tail in ("renorm", "raw"):
-        check(f"{prefix}{tail}", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+        check_one(f"{prefix}{tail}", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
               labels=labels, temperature=2.0, tail=tail)
-        check(f"{prefix}{tail}-hard-T1", results, rank, member_rank, widths, s, None,
+        check_one(f"{prefix}{tail}-hard-T1", results, rank, member_rank, widths, s, None,
               sparse=sparse_teacher(gen, t, 5, 1.0), group=group, labels=labels, tail=tail, hard_weight=0.5)
     # Ids on the first rank's columns only; labels on the last rank's only (the others read none).
-    check(f"{prefix}ids-on-first-rank", results, rank, member_rank, widths, s, None,
+    check_one(f"{prefix}ids-on-first-rank", results, rank, member_rank, widths, s, None,
           sparse=sparse_teacher(gen, t, 4, 2.0, (0, widths[0])), group=group, labels=labels, temperature=2.0,
           divergence="jsd", beta=0.3)
     owned = torch.randint(vocab - widths[-1], vocab, lead, generator=gen)
     owned[0, 0] = -100
-    check(f"{prefix}labels-on-last-rank", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}labels-on-last-rank", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           labels=owned, hard_weight=1.0, temperature=2.0, divergence="reverse_kl")
-    check(f"{prefix}all-ignored", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}all-ignored", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           labels=torch.full(lead, -100), hard_weight=1.0, loss_tol=0.0, grad_tol=0.0)
-    check(f"{prefix}nolabels", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}nolabels", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           divergence="jsd", temperature=2.0)
-    check(f"{prefix}strided", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}strided", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           labels=labels, slicer=Strided(), temperature=2.0, hard_weight=0.3)
-    check(f"{prefix}num-items", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}num-items", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           labels=labels, num_items_in_batch=40, temperature=2.0, divergence="reverse_kl")
-    check(f"{prefix}expected-grad-output", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}expected-grad-output", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           labels=labels, temperature=2.0, expected_grad_output=0.25,
           grad_scale=torch.tensor(0.25, dtype=torch.float64), hard_weight=0.5)
-    check(f"{prefix}inplace-backward", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}inplace-backward", results, rank, member_rank, widths, s, None, sparse=teacher, group=group,
           labels=labels, inplace=True, temperature=2.0, divergence="jsd", beta=0.6, hard_weight=0.4)
     empty = [vocab // 2, 0, vocab - vocab // 2] if len(widths) == 3 else [vocab, 0]
-    check(f"{prefix}empty-slice", results, rank, member_rank, empty, s, None, sparse=teacher, group=group,
+    check_one(f"{prefix}empty-slice", results, rank, member_rank, empty, s, None, sparse=teacher, group=group,
           labels=labels, temperature=2.0, hard_weight=0.5)
-    check(f"{prefix}bf16", results, rank, member_rank, widths, s.to(torch.bfloat16), None, sparse=teacher,
+    check_one(f"{prefix}bf16", results, rank, member_rank, widths, s.to(torch.bfloat16), None, sparse=teacher,
           group=group, labels=labels, temperature=2.0, divergence="jsd", hard_weight=0.5)
-    check(f"{prefix}float64", results, rank, member_rank, widths, s.double(), None, sparse=teacher, group=group,
+    check_one(f"{prefix}float64", results, rank, member_rank, widths, s.double(), None, sparse=teacher, group=group,
           labels=labels, temperature=2.0, divergence="reverse_kl", hard_weight=0.5, loss_tol=1e-10, grad_tol=1e-10)
     outcome(f"{prefix}parts-and-sparse-kd-loss", results,
             lambda: parts_and_nan_rows(member_rank, widths, s, None, labels, group, sparse=teacher))
@@ -337,11 +349,13 @@ def main():
     results = {}
     widths = [7, 11] if world == 2 else [5, 13, 8]
     run_cases(results, rank, rank, widths, None, "world-", seed)
+    run_cases(results, rank, rank, widths, None, "world-triton-", seed + 4, backend="triton")
     run_sparse_cases(results, rank, rank, widths, None, "world-sparse-", seed + 2)
     if world == 3:  # a sub-group: ranks 0 and 2 of 3 (new_group is called by every rank)
         sub = dist.new_group([0, 2])
         if rank in (0, 2):
             run_cases(results, rank, rank // 2, [9, 4], sub, "subgroup-", seed + 1)
+            run_cases(results, rank, rank // 2, [9, 4], sub, "subgroup-triton-", seed + 5, backend="triton")
             run_sparse_cases(results, rank, rank // 2, [9, 4], sub, "subgroup-sparse-", seed + 3)
     (out_dir / f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
