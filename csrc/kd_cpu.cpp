@@ -139,6 +139,8 @@ struct RowStats {
   double z1 = 0;          // hard labels: sum exp(s - shift_s), at T = 1
   float log_zs = 0, log_zt = 0, log_z1 = 0, kd = 0, kl_student_mix = 0;
   float mass_below = 0, mass_above = 0;  // tvd: the student's mass where p_s < p_t (> p_t), + half of p_s = p_t
+  double log_norm_s = 0, log_norm_t = 0;  // p = exp((x - shift) / T - log_norm): log zs, log zt
+  bool finite = true;  // no NaN or +inf seen
 };
 
 // Sweep 1. Returns false if the row has no softmax (NaN, +inf, or only -inf).
@@ -152,7 +154,10 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
     float* x_t = kKeepLogits ? sc.xt + b : sc.block_t;
     const float bm_s = stage_block<TRANSFORM>(s_row + b, n, x_s, p.student_transform, sc.dz ? sc.dz + b : nullptr);
     const float bm_t = stage_block<TRANSFORM>(t_row + b, n, x_t, p.teacher_transform, nullptr);
-    if (std::isnan(bm_s) || std::isnan(bm_t) || bm_s == kInf || bm_t == kInf) return false;
+    if (std::isnan(bm_s) || std::isnan(bm_t) || bm_s == kInf || bm_t == kInf) {
+      st.finite = false;
+      return false;
+    }
     // A larger maximum: move the shifts, rescaling what was summed against the old ones
     // (nothing was, while a side has seen only -inf).
     const bool grow_s = bm_s != -kInf && (!st.seen_s || bm_s > st.shift_s);
@@ -197,8 +202,10 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
     if constexpr (HARD) st.z1 += hsum(vz1);
   }
   if (!st.seen_s || !st.seen_t) return false;
-  st.log_zs = static_cast<float>(std::log(st.zs));
-  st.log_zt = static_cast<float>(std::log(st.zt));
+  st.log_norm_s = std::log(st.zs);
+  st.log_norm_t = std::log(st.zt);
+  st.log_zs = static_cast<float>(st.log_norm_s);
+  st.log_zt = static_cast<float>(st.log_norm_t);
   // KL(p_t || p_s) = E_t[a_t - a_s] - log zt + log zs (the shifts cancel), and symmetrically.
   if constexpr (DIV == kForwardKL) st.kd = static_cast<float>(st.w / st.zt - std::log(st.zt) + std::log(st.zs));
   if constexpr (DIV == kReverseKL) st.kd = static_cast<float>(st.w / st.zs - std::log(st.zs) + std::log(st.zt));
@@ -206,9 +213,9 @@ bool online_softmax(const S* s_row, const T* t_row, Scratch& sc, const LossParam
   return true;
 }
 
-// Normalised probabilities of block blk: p = e * exp((ref - shift) / T) / z.
-inline Vec block_scale(const float* ref, int64_t blk, float shift, double z, float inv_temperature) {
-  return Vec(static_cast<float>(std::exp((static_cast<double>(ref[blk]) - shift) * inv_temperature) / z));
+// Normalised probabilities of block blk: p = e * exp((ref - shift) / T - log_norm).
+inline Vec block_scale(const float* ref, int64_t blk, float shift, double log_norm, float inv_temperature) {
+  return Vec(static_cast<float>(std::exp((static_cast<double>(ref[blk]) - shift) * inv_temperature - log_norm)));
 }
 
 // Below it, expm1 cannot overflow; above it, where w_small < e^-64, w_small * expm1(delta)
@@ -237,8 +244,8 @@ template <size_t N, typename Term>
 std::array<double, N> mixture_sweep(const Scratch& sc, const LossParams& p, const RowStats& st, Term&& term) {
   std::array<double, N> sums{};
   for (int64_t b = 0, blk = 0; b < p.vocab_padded; b += kBlock, ++blk) {
-    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
-    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
+    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.log_norm_s, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.log_norm_t, p.inv_temperature_t);
     std::array<Vec, N> acc;
     acc.fill(Vec(0.f));
     for (int64_t i = b; i < b + kBlock; i += kLanes) {
@@ -250,8 +257,8 @@ std::array<double, N> mixture_sweep(const Scratch& sc, const LossParams& p, cons
 }
 
 // jsd: the mixture m = beta p_t + (1 - beta) p_s. log m - log p_s is stored over xt, which the jsd
-// gradient no longer needs.
-void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
+// gradient no longer needs. Returns (KL(p_t || m), KL(p_s || m)).
+std::array<double, 2> jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt);
   // sum p_t (log m - log p_t) = -KL(p_t || m), and the same for p_s
@@ -267,6 +274,7 @@ void jsd_terms(Scratch& sc, const LossParams& p, RowStats& st) {
   });
   st.kl_student_mix = static_cast<float>(-minus_kl_s);
   st.kd = static_cast<float>(-p.jsd.teacher * minus_kl_t - p.jsd.student * minus_kl_s);
+  return {-minus_kl_t, -minus_kl_s};
 }
 
 // d(tvd)/d(s_j / T) / p_s,j = g_j - sum_i p_s,i g_i, g = 0.5 sign(p_s - p_t) (sign(0) = 0, autograd's
@@ -278,8 +286,8 @@ inline Vec tvd_factor(Vec ps, Vec pt, Vec mass_below, Vec mass_above) {
 }
 
 // tvd: 0.5 sum |p_t - p_s|, and the student's mass where p_s < p_t and where p_s > p_t (each plus half
-// its mass where they are equal) for the gradient.
-void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
+// its mass where they are equal) for the gradient. Returns those three.
+std::array<double, 3> tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
   const Vec zero(0.f), half(0.5f);
   const auto [total, below, above] = mixture_sweep<3>(sc, p, st, [&](int64_t, Vec ps, Vec pt,
                                                                      std::array<Vec, 3>& acc) {
@@ -291,22 +299,23 @@ void tvd_terms(const Scratch& sc, const LossParams& p, RowStats& st) {
   st.kd = static_cast<float>(0.5 * total);
   st.mass_below = static_cast<float>(below);
   st.mass_above = static_cast<float>(above);
+  return {0.5 * total, below, above};
 }
 
-// Final sweep: grad = coef_kd * d(kd)/ds + coef_ce * d(ce)/ds, in the student's dtype
+// Final sweep: grad = coef_kd_over_t * d(kd)/d(s / T) + coef_ce * d(ce)/ds, in the student's dtype
 // (times dz/dx with logit transforms: s is then z).
 template <int64_t DIV, bool HARD, bool TRANSFORM, typename S>
-void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad) {
+void write_gradient(const Scratch& sc, const LossParams& p, const RowStats& st, int64_t label, S* grad,
+                    float coef_kd_over_t, float coef_ce_row) {
   const Vec zero(0.f), inv_temp(p.inv_temperature), inv_temp_t(p.inv_temperature_t), kd(st.kd),
       kl_s(st.kl_student_mix), mass_below(st.mass_below), mass_above(st.mass_above);
   const Vec ms(st.shift_s), mt(st.shift_t), log_zs(st.log_zs), log_zt(st.log_zt), log_z1(st.log_z1);
-  const Vec coef_kd(p.coef_kd * p.inv_temperature);  // d(s/T)/ds = 1/T
-  const Vec coef_ce(p.coef_ce), student_weight(static_cast<float>(p.jsd.student));
+  const Vec coef_kd(coef_kd_over_t), coef_ce(coef_ce_row), student_weight(static_cast<float>(p.jsd.student));
   // Streaming stores bypass the cache: a win for a cold buffer, a loss over cached logits.
   const bool stream = !p.grad_in_cache && reinterpret_cast<uintptr_t>(grad) % (kLanes * sizeof(S)) == 0;
   for (int64_t b = 0, blk = 0; b < p.vocab; b += kBlock, ++blk) {
-    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.zs, p.inv_temperature);
-    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.zt, p.inv_temperature_t);
+    const Vec scale_s = block_scale(sc.ref_s, blk, st.shift_s, st.log_norm_s, p.inv_temperature);
+    const Vec scale_t = block_scale(sc.ref_t, blk, st.shift_t, st.log_norm_t, p.inv_temperature_t);
     for (int64_t i = b; i < std::min(b + kBlock, p.vocab); i += kLanes) {
       const Vec ps = Vec::loadu(sc.es + i) * scale_s;
       Vec d;
@@ -385,7 +394,9 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
       if constexpr (DIV == kTVD) tvd_terms(sc, p, st);
       kd_out[r] = st.kd;
       ce_out[r] = HARD ? st.shift_s - sc.xs[label] + st.log_z1 : 0.f;
-      if (grad_row) write_gradient<DIV, HARD, TRANSFORM, S>(sc, p, st, label, grad_row);
+      if (grad_row) {  // d(s / T)/ds = 1 / T
+        write_gradient<DIV, HARD, TRANSFORM, S>(sc, p, st, label, grad_row, p.coef_kd * p.inv_temperature, p.coef_ce);
+      }
     }
     stream_fence();
   });
@@ -457,6 +468,17 @@ void empty_cache() {
   *cached_buffer = c10::Storage();
 }
 
+LossParams loss_params(int64_t vocab, double temperature, double teacher_temperature, double beta) {
+  LossParams p{};
+  p.temperature = static_cast<float>(temperature);
+  p.inv_temperature = static_cast<float>(1.0 / temperature);
+  p.inv_temperature_t = static_cast<float>(1.0 / teacher_temperature);
+  p.jsd = jsd_weights(beta);
+  p.vocab = vocab;
+  p.vocab_padded = (vocab + kBlock - 1) / kBlock * kBlock;
+  return p;
+}
+
 std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const at::Tensor& teacher,
                                               const c10::optional<at::Tensor>& labels,
                                               const c10::optional<at::Tensor>& grad, const at::Tensor& coefs,
@@ -469,14 +491,8 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   const int64_t vocab = student.size(2);
   const at::Tensor coefs_f = coefs.to(at::kFloat).contiguous();
 
-  LossParams p{};
-  p.temperature = static_cast<float>(temperature);
-  p.inv_temperature = static_cast<float>(1.0 / temperature);
-  p.inv_temperature_t = static_cast<float>(1.0 / teacher_temperature);
-  p.jsd = jsd_weights(beta);
+  LossParams p = loss_params(vocab, temperature, teacher_temperature, beta);
   p.ignore_index = ignore_index;
-  p.vocab = vocab;
-  p.vocab_padded = (vocab + kBlock - 1) / kBlock * kBlock;
   p.coef_kd = coefs_f.data_ptr<float>()[0];
   p.coef_ce = coefs_f.data_ptr<float>()[1];
   p.grad_in_cache = grad && grad->is_alias_of(student);
@@ -503,6 +519,197 @@ std::tuple<at::Tensor, at::Tensor> kd_forward(const at::Tensor& student, const a
   return {kd_out, ce_out};
 }
 
+// --- the vocabulary-parallel loss's per-shard kernels (kdfast.distributed; the contract in kdfast.backends) ---
+// Each call stages the rows of its (B, M, W) slice again (sweep 1). The statistics are sweep 1's sums; the
+// mixture sums (jsd, tvd) and the gradient are taken against the rows' global normalisers, given per row as a
+// shift and an offset: log p = (x - shift) / T - offset.
+
+// The statistics' and the row values' fields (kdfast.backends.SHARD_STATS, SHARD_ROWS), checked when the
+// extension loads.
+enum ShardStat : int64_t { kMaxS, kMaxT, kSumS, kSumT, kSumS1, kCross, kShardStats };
+constexpr const char* kShardStatNames[] = {"max_s", "max_t", "sum_s", "sum_t", "sum_s1", "cross"};
+enum ShardRow : int64_t {
+  kShiftS, kShiftT, kOffsetS, kOffsetT, kOffsetS1, kRowKd, kKlStudentMix, kMassBelow, kMassAbove, kCoefKd, kCoefCe,
+  kIgnored, kShardRows
+};
+constexpr auto kReadEveryRow = [](int64_t) { return false; };
+constexpr const char* kShardRowNames[] = {"shift_s", "shift_t", "offset_s", "offset_t", "offset_s1", "kd",
+                                          "kl_student_mix", "mass_below", "mass_above", "coef_kd", "coef_ce",
+                                          "ignored"};
+
+template <size_t N>
+pybind11::dict field_codes(const char* const (&names)[N]) {
+  pybind11::dict codes;
+  for (size_t i = 0; i < N; ++i) codes[names[i]] = static_cast<int64_t>(i);
+  return codes;
+}
+
+// One row's values (a column of the (kShardRows, n_rows) float64 tensor).
+struct ShardRowValues {
+  const double* base;
+  int64_t n_rows, row;
+  double operator[](ShardRow field) const { return base[field * n_rows + row]; }
+};
+
+// Takes the row's global normalisers in place of sweep 1's own (the slice's).
+void adopt_global(RowStats& st, const ShardRowValues& v) {
+  st.shift_s = static_cast<float>(v[kShiftS]);
+  st.shift_t = static_cast<float>(v[kShiftT]);
+  st.log_norm_s = v[kOffsetS];
+  st.log_norm_t = v[kOffsetT];
+  st.log_zs = static_cast<float>(v[kOffsetS]);
+  st.log_zt = static_cast<float>(v[kOffsetT]);
+  st.log_z1 = static_cast<float>(v[kOffsetS1]);
+}
+
+// Runs fn(row, scratch, stats after sweep 1) over the slice's rows, in parallel, but for the rows where
+// skip(row) is true (which it handles itself: they are not read).
+template <int64_t DIV, bool HARD, typename S, typename T, typename Skip, typename Fn>
+void for_each_slice_row(const at::Tensor& student, const at::Tensor& teacher, const LossParams& p, Skip&& skip,
+                        Fn&& fn) {
+  const Rows<const S> s_rows(student);
+  const Rows<const T> t_rows(teacher);
+  const int64_t n_rows = student.size(0) * student.size(1);
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, 65536 / p.vocab_padded), [&](int64_t begin, int64_t end) {
+    Scratch sc(p.vocab_padded, false);
+    for (int64_t r = begin; r < end; ++r) {
+      if (skip(r)) continue;
+      RowStats st;
+      // false for a slice that is all -inf on a side (padding: valid here), or that holds NaN or +inf
+      online_softmax<DIV, HARD, false>(s_rows.row(r), t_rows.row(r), sc, p, st);
+      fn(r, sc, st);
+    }
+    stream_fence();
+  });
+}
+
+// Calls fn(S, T, divergence tag, hard tag) for the slices' dtypes, the divergence and hard.
+template <typename Fn>
+void dispatch_slice(const at::Tensor& student, const at::Tensor& teacher, int64_t divergence, bool hard, Fn&& fn) {
+  dispatch_float(student.scalar_type(), "student_logits", [&](auto s_tag) {
+    dispatch_float(teacher.scalar_type(), "teacher_logits", [&](auto t_tag) {
+      dispatch_divergence(divergence, hard, [&](auto div_tag, auto hard_tag) { fn(s_tag, t_tag, div_tag, hard_tag); });
+    });
+  });
+}
+
+at::Tensor check_shard_rows(const at::Tensor& rows, int64_t n_rows) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == at::kDouble && rows.dim() == 2 &&
+                  rows.size(0) == kShardRows && rows.size(1) == n_rows,
+              "rows must be a float64 CPU tensor of shape (", static_cast<int64_t>(kShardRows), ", ", n_rows, ")");
+  return rows.contiguous();
+}
+
+at::Tensor vocab_shard_stats(const at::Tensor& student, const at::Tensor& teacher, double temperature,
+                             double teacher_temperature, int64_t divergence, bool hard) {
+  TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
+  kdfast::check_rows(student, "student", student);
+  kdfast::check_rows(teacher, "teacher", student);
+  const int64_t n_rows = student.size(0) * student.size(1);
+  const LossParams p = loss_params(student.size(2), temperature, teacher_temperature, 0.5);
+  at::Tensor out = at::empty({kShardStats, n_rows}, student.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  dispatch_slice(student, teacher, divergence, hard, [&](auto s_tag, auto t_tag, auto div_tag, auto hard_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    for_each_slice_row<decltype(div_tag)::value, decltype(hard_tag)::value, S, T>(
+        student, teacher, p, kReadEveryRow, [&](int64_t r, const Scratch&, const RowStats& st) {
+          const double nan = std::numeric_limits<double>::quiet_NaN();  // a NaN or +inf: the row is undefined
+          o[kMaxS * n_rows + r] = !st.finite ? nan : st.seen_s ? st.shift_s : -kInf;
+          o[kMaxT * n_rows + r] = !st.finite ? nan : st.seen_t ? st.shift_t : -kInf;
+          o[kSumS * n_rows + r] = st.zs;
+          o[kSumT * n_rows + r] = st.zt;
+          o[kSumS1 * n_rows + r] = st.z1;
+          o[kCross * n_rows + r] = st.w;
+        });
+  });
+  return out;
+}
+
+at::Tensor vocab_shard_mixture(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& rows,
+                               double temperature, double teacher_temperature, int64_t divergence, double beta) {
+  TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
+  TORCH_CHECK(divergence == kJSD || divergence == kTVD, "the mixture sums are jsd's and tvd's, got divergence ",
+              divergence);
+  kdfast::check_rows(student, "student", student);
+  kdfast::check_rows(teacher, "teacher", student);
+  const int64_t n_rows = student.size(0) * student.size(1);
+  const at::Tensor values = check_shard_rows(rows, n_rows);
+  const LossParams p = loss_params(student.size(2), temperature, teacher_temperature, beta);
+  at::Tensor out = at::zeros({3, n_rows}, student.options().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  dispatch_slice(student, teacher, divergence, false, [&](auto s_tag, auto t_tag, auto div_tag, auto) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    constexpr int64_t DIV = decltype(div_tag)::value;
+    if constexpr (DIV == kJSD || DIV == kTVD) {
+      for_each_slice_row<DIV, false, S, T>(student, teacher, p, kReadEveryRow, [&](int64_t r, Scratch& sc,
+                                                                                  RowStats& st) {
+        if (!st.finite) {
+          for (int64_t k = 0; k < 3; ++k) o[k * n_rows + r] = std::numeric_limits<double>::quiet_NaN();
+          return;
+        }
+        adopt_global(st, {values.data_ptr<double>(), n_rows, r});
+        if constexpr (DIV == kJSD) {
+          const auto kl = jsd_terms(sc, p, st);
+          o[r] = kl[0];
+          o[n_rows + r] = kl[1];
+        } else {
+          const auto terms = tvd_terms(sc, p, st);
+          for (int64_t k = 0; k < 3; ++k) o[k * n_rows + r] = terms[k];
+        }
+      });
+    }
+  });
+  return out;
+}
+
+void vocab_shard_gradient(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                          const at::Tensor& grad, const at::Tensor& rows, double temperature,
+                          double teacher_temperature, int64_t divergence, double beta, bool hard) {
+  TORCH_CHECK(student.device().is_cpu(), "student must be a CPU tensor");
+  kdfast::check_rows(student, "student", student);
+  kdfast::check_rows(teacher, "teacher", student);
+  kdfast::check_rows(grad, "grad", student);
+  TORCH_CHECK(grad.scalar_type() == student.scalar_type(), "grad must have the student's dtype");
+  const int64_t n_rows = student.size(0) * student.size(1);
+  TORCH_CHECK(labels.device().is_cpu() && labels.scalar_type() == at::kLong && labels.is_contiguous() &&
+                  labels.numel() == n_rows,
+              "labels must be a contiguous int64 CPU tensor with one column index per row");
+  const at::Tensor values = check_shard_rows(rows, n_rows);
+  LossParams p = loss_params(student.size(2), temperature, teacher_temperature, beta);
+  p.grad_in_cache = grad.is_alias_of(student);
+  const int64_t* label = labels.data_ptr<int64_t>();
+  dispatch_slice(student, teacher, divergence, hard, [&](auto s_tag, auto t_tag, auto div_tag, auto hard_tag) {
+    using S = decltype(s_tag);
+    using T = decltype(t_tag);
+    constexpr int64_t DIV = decltype(div_tag)::value;
+    constexpr bool HARD = decltype(hard_tag)::value;
+    const Rows<S> g_rows(grad);
+    const double* base = values.data_ptr<double>();
+    auto ignored = [&](int64_t r) {  // not read: a zero gradient row, whatever the row holds
+      const bool skip = ShardRowValues{base, n_rows, r}[kIgnored] != 0;
+      if (skip) fill_row(g_rows.row(r), p.vocab, 0.f);
+      return skip;
+    };
+    for_each_slice_row<DIV, HARD, S, T>(student, teacher, p, ignored, [&](int64_t r, Scratch& sc, RowStats& st) {
+      const ShardRowValues v{base, n_rows, r};
+      if (!st.finite) {  // a NaN or +inf in the slice: a NaN row
+        fill_row(g_rows.row(r), p.vocab, kNaN);
+        return;
+      }
+      adopt_global(st, v);
+      if constexpr (DIV == kJSD) jsd_terms(sc, p, st);  // for log m - log p_s; its sums are the slice's
+      st.kd = static_cast<float>(v[kRowKd]);
+      st.kl_student_mix = static_cast<float>(v[kKlStudentMix]);
+      st.mass_below = static_cast<float>(v[kMassBelow]);
+      st.mass_above = static_cast<float>(v[kMassAbove]);
+      write_gradient<DIV, HARD, false, S>(sc, p, st, label[r], g_rows.row(r), static_cast<float>(v[kCoefKd]),
+                                          static_cast<float>(v[kCoefCe]));
+    });
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -518,4 +725,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "A contiguous buffer of like's shape and dtype: the last one handed out if no tensor uses it any more",
         py::arg("like"), py::call_guard<py::gil_scoped_release>());
   m.def("empty_cache", &empty_cache, "Releases the gradient buffer kept for reuse");
+  // The vocabulary-parallel loss's per-shard kernels; their fields are checked against kdfast.backends.
+  m.attr("SHARD_STATS") = field_codes(kShardStatNames);
+  m.attr("SHARD_ROWS") = field_codes(kShardRowNames);
+  m.def("vocab_shard_stats", &vocab_shard_stats, "Per-row statistics of a slice of the vocabulary",
+        py::arg("student"), py::arg("teacher"), py::arg("temperature"), py::arg("teacher_temperature"),
+        py::arg("divergence"), py::arg("hard"), py::call_guard<py::gil_scoped_release>());
+  m.def("vocab_shard_mixture", &vocab_shard_mixture, "A slice's jsd or tvd sums against the global normalisers",
+        py::arg("student"), py::arg("teacher"), py::arg("rows"), py::arg("temperature"),
+        py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("vocab_shard_gradient", &vocab_shard_gradient, "A slice's gradient against the global normalisers",
+        py::arg("student"), py::arg("teacher"), py::arg("labels"), py::arg("grad"), py::arg("rows"),
+        py::arg("temperature"), py::arg("teacher_temperature"), py::arg("divergence"), py::arg("beta"),
+        py::arg("hard"), py::call_guard<py::gil_scoped_release>());
 }

@@ -27,9 +27,10 @@ over the K + 1 categories is then the same on every rank, computed by the torch 
 sparse code on a (K + 1)-token vocabulary whose logits are the categories' log-probs.
 
 The per-shard work of vocab_parallel_kd_loss is the backend's ``vocab_shard`` kernels
-(kdfast.backends): Triton's on a GPU (one program per row: a sweep over the slice for the
-statistics, one for the gradient, and one more for jsd's and tvd's mixture sums), the torch
-backend's chunked ops elsewhere. That of vocab_parallel_sparse_kd_loss is torch ops. The widths
+(kdfast.backends): Triton's on a GPU, the C++ kernel's on a CPU (one program or thread per row: a
+sweep over the slice for the statistics, one for the gradient, and one more for jsd's and tvd's
+mixture sums), the torch backend's chunked ops for float64. That of vocab_parallel_sparse_kd_loss
+is torch ops. The widths
 are read on the host after the first collective: one device sync per call on a GPU.
 """
 
@@ -336,7 +337,7 @@ def vocab_parallel_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, gr
     the ranks nor divided by their number). ``labels`` are the same global token ids on every
     rank; only the rank owning a label's column reads its logit. ``options`` are kd_loss's, with
     the same meaning and edge behaviour, except ``vocab_size`` (refused: the slices are the
-    vocabulary) and ``backend`` ("auto", or a backend with per-shard kernels: "triton", "torch").
+    vocabulary) and ``backend`` ("auto", or a backend with per-shard kernels: "triton", "cpu", "torch").
     ``num_items_in_batch`` and ``return_parts`` are kd_loss's too. Every rank must call it
     with the same leading shape, options and labels.
 

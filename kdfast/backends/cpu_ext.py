@@ -8,7 +8,8 @@ import functools
 
 import torch
 
-from . import DIVERGENCE_CODES, TAIL_CODES, Backend, KernelParams, SparseKernelParams
+from . import (DIVERGENCE_CODES, SHARD_ROWS, SHARD_STATS, TAIL_CODES, Backend, KernelParams, SparseKernelParams,
+               VocabShardKernels)
 from .build import build_failure, check_codes, cpu_capability_flags, load_extension
 
 def _build(name: str, source: str):
@@ -21,6 +22,8 @@ def _build(name: str, source: str):
 def _extension():
     extension = _build("_kd_cpu", "kd_cpu.cpp")
     check_codes(extension, "DIVERGENCE_CODES", DIVERGENCE_CODES)
+    check_codes(extension, "SHARD_STATS", {name: i for i, name in enumerate(SHARD_STATS)})
+    check_codes(extension, "SHARD_ROWS", {name: i for i, name in enumerate(SHARD_ROWS)})
     return extension
 
 
@@ -68,6 +71,23 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params: Spars
     return _sparse_extension().sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, *params)
 
 
+def vocab_shard_stats(student, teacher, params: KernelParams):
+    return _extension().vocab_shard_stats(student, teacher, params.temperature, params.teacher_temperature,
+                                          params.divergence, params.hard)
+
+
+def vocab_shard_mixture(student, teacher, rows, params: KernelParams):
+    return _extension().vocab_shard_mixture(student, teacher, rows.double().contiguous(), params.temperature,
+                                            params.teacher_temperature, params.divergence, params.beta)
+
+
+def vocab_shard_gradient(student, teacher, labels, grad, rows, params: KernelParams) -> None:
+    _extension().vocab_shard_gradient(student, teacher, labels.long().contiguous(), grad, rows.double().contiguous(),
+                                      params.temperature, params.teacher_temperature, params.divergence,
+                                      params.beta, params.hard)
+
+
 BACKEND = Backend("cpu", ("cpu",), (torch.float32, torch.bfloat16, torch.float16), unavailable_reason, kd_forward,
                   sparse_kd_forward=sparse_kd_forward, kernel_unavailable_reason=kernel_unavailable_reason,
-                  gradient_buffer=gradient_buffer, empty_cache=empty_cache)
+                  gradient_buffer=gradient_buffer, empty_cache=empty_cache,
+                  vocab_shard=VocabShardKernels(vocab_shard_stats, vocab_shard_mixture, vocab_shard_gradient))

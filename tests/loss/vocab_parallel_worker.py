@@ -4,10 +4,11 @@
 
 Every rank builds the same full logits, takes its slice of the columns, and checks
 vocab_parallel_kd_loss's loss and its own gradient slice against the float64 reference on the
-full logits, case by case, on the torch backend's per-shard kernels and on Triton's (in its
-interpreter: the test sets TRITON_INTERPRET=1), and vocab_parallel_sparse_kd_loss's against
-sparse_kd_loss_reference; each case's error (or "") goes to OUT_DIR/rank{RANK}.json, with the
-loss and the collective calls counted in forward and in backward.
+full logits, case by case, with backend "auto" (the cpu backend's per-shard kernels, the torch
+backend's for float64) and "triton" (in its interpreter: the test sets TRITON_INTERPRET=1), and
+vocab_parallel_sparse_kd_loss's against sparse_kd_loss_reference; each case's error (or "") goes
+to OUT_DIR/rank{RANK}.json, with the loss and the collective calls counted in forward and in
+backward.
 """
 
 from __future__ import annotations
