@@ -52,8 +52,10 @@ def compile_kd_kernel(divergence: int, block: int, num_warps: int, write_grad: b
                       num_stages=None):
     """The loss kernel compiled for sm_90, with the student (and gradient) logits of ``dtype``; V a multiple
     of 16 or not (GPT-2's 50257, a vocab_size slice), both sides soft-capped or not."""
+    # Rows off a 16-byte boundary are read from the boundary below them (PEEL, kd_forward's peel_rows).
     constexprs = {"DIVERGENCE": divergence, "HARD": hard, "HAS_LABELS": hard, "WRITE_GRAD": write_grad,
-                  "CAP_S": caps, "CAP_T": caps, "BLOCK": block, "NUM_STAGES": num_stages}
+                  "CAP_S": caps, "CAP_T": caps, "BLOCK": block, "NUM_STAGES": num_stages, "PEEL": not aligned_rows,
+                  "ALIGN": 4 if dtype == "fp32" else 8}
     return _compile_sm90(tk._kd_rows_kernel, dtype, constexprs, num_warps, "vocab" if aligned_vocab else None,
                          aligned_rows)
 
@@ -145,15 +147,18 @@ def check() -> list[str]:
     """Compiles every variant of the kernels (loss, scale, sparse, vocab_shard); returns what is wrong
     (nothing, normally)."""
     problems = []
-    # (hard, write_grad, dtype, V % 16 == 0, capped)
-    variants = ((False, True, "bf16", True, False), (True, True, "fp32", True, False),
-                (True, False, "fp16", True, False),
-                (False, True, "bf16", False, False), (True, True, "bf16", False, True))
+    # (hard, write_grad, dtype, V % 16 == 0, capped, rows at 16-byte boundaries)
+    variants = ((False, True, "bf16", True, False, True), (True, True, "fp32", True, False, True),
+                (True, False, "fp16", True, False, True),
+                (False, True, "bf16", False, False, True), (True, True, "bf16", False, True, True),
+                (True, True, "bf16", False, False, False))
     for divergence in (0, 1, 2, 3):
-        for hard, write_grad, dtype, aligned_vocab, caps in variants:
+        for hard, write_grad, dtype, aligned_vocab, caps, aligned_rows in variants:
             name = (f"divergence={divergence} hard={hard} grad={write_grad} {dtype} "
-                    f"{'V % 16 == 0' if aligned_vocab else 'any V'}{' capped' if caps else ''}")
-            ptx = compile_kd_kernel(divergence, 4096, 16, write_grad, hard, dtype, aligned_vocab, caps).asm["ptx"]
+                    f"{'V % 16 == 0' if aligned_vocab else 'any V'}{' capped' if caps else ''}"
+                    f"{'' if aligned_rows else ' any row stride'}")
+            ptx = compile_kd_kernel(divergence, 4096, 16, write_grad, hard, dtype, aligned_vocab, caps,
+                                    aligned_rows).asm["ptx"]
             problems += ptx_problems(name, ptx, write_grad)
     for per_row in (False, True):
         compile_scale_kernel(per_row)
@@ -180,9 +185,8 @@ if __name__ == "__main__":
             print(report(divergence, block, warps))
     for aligned_vocab, caps in ((False, False), (True, True)):
         print(report(0, 4096, 16, aligned_vocab=aligned_vocab, caps=caps))
-    # Rows whose stride is not a multiple of 16 bytes (logits[:, :-1] of an odd V in bf16): reported, not checked.
-    # The Triton kernels do not peel a head per row to reach a 16-byte boundary (the CUDA kernel does), so such
-    # rows are read with narrower accesses.
+    # Rows whose stride is not a multiple of 16 bytes (logits[:, :-1] of an odd V in bf16), read from the
+    # 16-byte boundary below each row's start.
     print(report(0, 4096, 16, aligned_vocab=False, aligned_rows=False))
     for name, (kernel, variants) in SHARD_KERNELS.items():
         for divergence, hard in variants:

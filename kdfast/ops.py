@@ -78,7 +78,7 @@ def _(grad, grad_output, backend):
 
 
 def gradient_buffer(student: Tensor, backend: str) -> Tensor:
-    """A contiguous buffer for the student's gradient, recycled by the backend when it can."""
+    """A buffer for the student's gradient: the backend's (recycled, or laid out for its kernel), else contiguous."""
     if not torch.compiler.is_compiling():  # a compiled graph allocates its own
         recycle = registry.backend(backend).gradient_buffer
         if recycle is not None:

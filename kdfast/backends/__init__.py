@@ -29,9 +29,10 @@ and one line in ``registry.BACKEND_MODULES``. Its record holds:
     teacher's (B, M, W) slices of the vocabulary, W > 0, reduced to per-row statistics, and the
     slice's gradient from the rows' global normalisers, which the caller combines across ranks.
 ``gradient_buffer(student) -> Tensor`` and ``empty_cache()`` (optional)
-    a contiguous buffer of the student's shape and dtype for ``grad``, which the backend
-    may recycle once no tensor refers to it, and the release of what it keeps; backends
-    without them get ``torch.empty_like``.
+    a buffer of the student's shape and dtype for ``grad`` (contiguous, or laid out as the
+    student where the backend's kernel then accesses both alike), which the backend may
+    recycle once no tensor refers to it, and the release of what it keeps; backends without
+    them get a contiguous ``torch.empty_like``.
 ``scale_grad_(grad, grad_output)`` (optional)
     grad *= grad_output, a one-element tensor, on the device and without a host sync,
     skipping the pass when it is 1; backends without it get a ``.item()`` check instead.

@@ -125,16 +125,28 @@ def online_softmax_block(s_row, t_row, offs, mask, m_s, m_t, acc_zs, acc_zt, acc
 
 
 @triton.jit
-def online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
+def span_mask(offs, lo, hi, PEEL: tl.constexpr):
+    """The entries of a masked block that are the row's: lo <= offs < hi (lo is 0 unless PEEL)."""
+    if PEEL:
+        return (offs >= lo) & (offs < hi)
+    return offs < hi
+
+
+@triton.jit
+def online_softmax(s_row, t_row, lo, hi, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap,
                    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
-                   BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                   BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, PEEL: tl.constexpr = False):
     """Sweep 1: the online softmax of both sides against running maxima m_s, m_t. Returns (m_s, m_t,
     z_s, z_t, w, z1): the maxima, the exp-sums of a = (z - m) / T, w = sum e_t (a_t - a_s) (forward
     KL) or sum e_s (a_s - a_t) (reverse KL), and z1, the student's exp-sum at T = 1 (hard labels).
 
     The shifts subtracted are the maxima, or 0 while a side has seen only -inf (so that exp(-inf -
-    shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes the sums NaN. The full
-    blocks are read without a mask, the partial last one with it (every sweep reads so)."""
+    shift) = 0, not NaN). NaN or +inf anywhere, or an all -inf row, makes the sums NaN.
+
+    The row is entries lo .. hi - 1 from the row pointers (every sweep reads so): lo = 0, or with PEEL
+    (kd_forward's peel_rows) the row's distance from the 16-byte boundary below its start, where the
+    pointers then point. The full blocks are read without a mask, so 16 bytes at a time; the partial
+    last one, and with PEEL the first, with one."""
     cols = tl.arange(0, BLOCK)
     m_s = tl.full([], float("-inf"), tl.float32)
     m_t = tl.full([], float("-inf"), tl.float32)
@@ -142,17 +154,24 @@ def online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap, t_
     acc_zt = tl.zeros([BLOCK], dtype=tl.float32)
     acc_w = tl.zeros([BLOCK], dtype=tl.float32)
     acc_z1 = tl.zeros([BLOCK], dtype=tl.float32)
-    n_full = vocab // BLOCK
-    for blk in tl.range(0, n_full, num_stages=NUM_STAGES):
+    first = 0  # with a head (PEEL and lo > 0), the first block is masked
+    if PEEL:
+        first = (lo > 0).to(tl.int32)
+    if first > 0:
+        m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1 = online_softmax_block(
+            s_row, t_row, cols, span_mask(cols, lo, hi, PEEL), m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp,
+            inv_temp_t, s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, True)
+    n_full = hi // BLOCK
+    for blk in tl.range(first, n_full, num_stages=NUM_STAGES):
         offs = blk * BLOCK + cols
         m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1 = online_softmax_block(
-            s_row, t_row, offs, offs < vocab, m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp, inv_temp_t,
+            s_row, t_row, offs, offs < hi, m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp, inv_temp_t,
             s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, False)
-    if n_full * BLOCK < vocab:
+    if (n_full * BLOCK < hi) & (n_full >= first):
         offs = n_full * BLOCK + cols
         m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1 = online_softmax_block(
-            s_row, t_row, offs, offs < vocab, m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp, inv_temp_t,
-            s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, True)
+            s_row, t_row, offs, span_mask(offs, lo, hi, PEEL), m_s, m_t, acc_zs, acc_zt, acc_w, acc_z1, inv_temp,
+            inv_temp_t, s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, True)
     return (m_s, m_t, tl.sum(acc_zs, axis=0), tl.sum(acc_zt, axis=0), tl.sum(acc_w, axis=0),
             tl.sum(acc_z1, axis=0))
 
@@ -186,10 +205,10 @@ def mixture_block(s_row, t_row, offs, mask, acc_kl_t, acc_kl_s, acc_above, shift
 
 
 @triton.jit
-def mixture_terms(s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t,
+def mixture_terms(s_row, t_row, lo, hi, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t,
                   s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,
                   DIVERGENCE: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr,
-                  BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                  BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, PEEL: tl.constexpr = False):
     """Sweep 2 (jsd, tvd), which needs both normalisers: returns (kd, kl_student_mix, mass_below, mass_above).
     jsd: kd = beta KL(p_t || m) + (1 - beta) KL(p_s || m), and KL(p_s || m) for the gradient;
     tvd: kd = 0.5 sum |p_t - p_s|, and for the gradient (tvd_factor) the student's mass where p_s < p_t and
@@ -198,19 +217,27 @@ def mixture_terms(s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_tem
     acc_kl_t = tl.zeros([BLOCK], dtype=tl.float32)
     acc_kl_s = tl.zeros([BLOCK], dtype=tl.float32)
     acc_above = tl.zeros([BLOCK], dtype=tl.float32)
-    n_full = vocab // BLOCK
-    for blk in tl.range(0, n_full, num_stages=NUM_STAGES):
+    first = 0  # the row's span as online_softmax reads it
+    if PEEL:
+        first = (lo > 0).to(tl.int32)
+    if first > 0:
+        acc_kl_t, acc_kl_s, acc_above = mixture_block(
+            s_row, t_row, cols, span_mask(cols, lo, hi, PEEL), acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t,
+            log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c,
+            jsd_split, DIVERGENCE, TEACHER_IS_A, CAP_S, CAP_T, True)
+    n_full = hi // BLOCK
+    for blk in tl.range(first, n_full, num_stages=NUM_STAGES):
         offs = blk * BLOCK + cols
         acc_kl_t, acc_kl_s, acc_above = mixture_block(
-            s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t, log_zs, log_zt,
+            s_row, t_row, offs, offs < hi, acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t, log_zs, log_zt,
             inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE,
             TEACHER_IS_A, CAP_S, CAP_T, False)
-    if n_full * BLOCK < vocab:
+    if (n_full * BLOCK < hi) & (n_full >= first):
         offs = n_full * BLOCK + cols
         acc_kl_t, acc_kl_s, acc_above = mixture_block(
-            s_row, t_row, offs, offs < vocab, acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t, log_zs, log_zt,
-            inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, DIVERGENCE,
-            TEACHER_IS_A, CAP_S, CAP_T, True)
+            s_row, t_row, offs, span_mask(offs, lo, hi, PEEL), acc_kl_t, acc_kl_s, acc_above, shift_s, shift_t,
+            log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c,
+            jsd_split, DIVERGENCE, TEACHER_IS_A, CAP_S, CAP_T, True)
     if DIVERGENCE == JSD_CODE:
         kl_student_mix = -tl.sum(acc_kl_s, axis=0)
         return -w_teacher * tl.sum(acc_kl_t, axis=0) + w_student * kl_student_mix, kl_student_mix, 0.0, 0.0
@@ -252,28 +279,37 @@ def gradient_block(s_row, t_row, g_row, offs, mask, label, shift_s, shift_t, log
 
 
 @triton.jit
-def write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
+def write_gradient(s_row, t_row, g_row, lo, hi, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
                    inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below, mass_above, coef_kd,
                    coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split, w_student,
                    DIVERGENCE: tl.constexpr, HARD: tl.constexpr, TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr,
-                   CAP_T: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
+                   CAP_T: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr, PEEL: tl.constexpr = False):
     """Sweep 3: coef_kd * d(kd)/d(s / T) + coef_ce * d(ce)/ds, times dz/dx of the student's transforms,
-    in the gradient's dtype; the last-read blocks first (most likely still in L2): the partial one, then
-    the full ones backwards."""
+    in the gradient's dtype, over the row's span as online_softmax reads it (label: its offset in that
+    span); the last-read blocks first (most likely still in L2): the partial one, then the full ones
+    backwards, then with PEEL the first."""
     cols = tl.arange(0, BLOCK)
-    n_full = vocab // BLOCK
-    if n_full * BLOCK < vocab:
+    first = 0
+    if PEEL:
+        first = (lo > 0).to(tl.int32)
+    n_full = hi // BLOCK
+    if (n_full * BLOCK < hi) & (n_full >= first):
         offs = n_full * BLOCK + cols
-        gradient_block(s_row, t_row, g_row, offs, offs < vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1,
-                       inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below,
-                       mass_above, coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
-                       w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, True)
-    for i in tl.range(0, n_full, num_stages=NUM_STAGES):
+        gradient_block(s_row, t_row, g_row, offs, span_mask(offs, lo, hi, PEEL), label, shift_s, shift_t, log_zs,
+                       log_zt, log_z1, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix,
+                       mass_below, mass_above, coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c,
+                       jsd_split, w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, True)
+    for i in tl.range(0, n_full - first, num_stages=NUM_STAGES):
         offs = (n_full - 1 - i) * BLOCK + cols
-        gradient_block(s_row, t_row, g_row, offs, offs < vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1,
+        gradient_block(s_row, t_row, g_row, offs, offs < hi, label, shift_s, shift_t, log_zs, log_zt, log_z1,
                        inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below,
                        mass_above, coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c, jsd_split,
                        w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, False)
+    if first > 0:
+        gradient_block(s_row, t_row, g_row, cols, span_mask(cols, lo, hi, PEEL), label, shift_s, shift_t, log_zs,
+                       log_zt, log_z1, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix,
+                       mass_below, mass_above, coef_kd, coef_ce, nan_if_bad_label, w_small, log_w_small, jsd_c,
+                       jsd_split, w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, True)
 
 
 @triton.jit
@@ -283,9 +319,12 @@ def _kd_rows_kernel(
     vocab, inv_temp, inv_temp_t, ignore_index,  # inv_temp_t: 1 / the teacher's temperature
     w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student,  # jsd: kdfast.backends.JsdWeights
     s_scale, s_cap, t_scale, t_cap,  # the logit transforms of each side (CAP_S, CAP_T: caps on)
+    s_misalign,  # PEEL: the student's first entry's distance from a 16-byte boundary below it, in entries
     DIVERGENCE: tl.constexpr, HARD: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr,
     TEACHER_IS_A: tl.constexpr, CAP_S: tl.constexpr, CAP_T: tl.constexpr, BLOCK: tl.constexpr,
     NUM_STAGES: tl.constexpr,  # the sweeps' software pipelining (tl.range), None: the compiler's choice
+    PEEL: tl.constexpr = False,  # rows read from the 16-byte boundary below their start (kd_forward's peel_rows)
+    ALIGN: tl.constexpr = 8,  # entries per 16 bytes
 ):
     row = tl.program_id(0).to(tl.int64)
     batch, pos = row // rows_per_batch, row % rows_per_batch
@@ -296,9 +335,18 @@ def _kd_rows_kernel(
     if ignored:  # ignored rows are not read at all
         store_ignored_row(kd_out_ptr, ce_out_ptr, row, g_row, vocab, WRITE_GRAD, BLOCK)
     else:
-        shift_s, shift_t, z_s, z_t, w, z1 = online_softmax(s_row, t_row, vocab, inv_temp, inv_temp_t, s_scale, s_cap,
-                                                           t_scale, t_cap, DIVERGENCE, HARD, CAP_S, CAP_T, BLOCK,
-                                                           NUM_STAGES)
+        # The sweeps read entries lo .. lo + vocab - 1 from the span pointers: with PEEL, those of the 16-byte
+        # boundary below the row's start, which the teacher's and the gradient's rows share (peel_rows).
+        lo = 0
+        s_span, t_span, g_span = s_row, t_row, g_row
+        if PEEL:
+            lo = ((s_misalign + batch * s_stride_b + pos * s_stride_m) % ALIGN).to(tl.int32)
+            s_span = tl.multiple_of(s_row - lo, 16)
+            t_span = tl.multiple_of(t_row - lo, 16)
+            g_span = tl.multiple_of(g_row - lo, 16)
+        shift_s, shift_t, z_s, z_t, w, z1 = online_softmax(s_span, t_span, lo, lo + vocab, inv_temp, inv_temp_t,
+                                                           s_scale, s_cap, t_scale, t_cap, DIVERGENCE, HARD, CAP_S,
+                                                           CAP_T, BLOCK, NUM_STAGES, PEEL)
         # A side that saw only -inf has no softmax: NaN, like torch.
         nan_if_unseen = tl.where((shift_s > float("-inf")) & (shift_t > float("-inf")), 0.0, float("nan"))
         log_zs = tl.log(z_s) + nan_if_unseen
@@ -312,9 +360,9 @@ def _kd_rows_kernel(
             kd = w / z_s - log_zs + log_zt
         else:
             kd, kl_student_mix, mass_below, mass_above = mixture_terms(
-                s_row, t_row, vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t, s_scale, s_cap,
-                t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student, DIVERGENCE,
-                TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
+                s_span, t_span, lo, lo + vocab, shift_s, shift_t, log_zs, log_zt, inv_temp, inv_temp_t, s_scale,
+                s_cap, t_scale, t_cap, w_small, log_w_small, jsd_c, jsd_split, w_teacher, w_student, DIVERGENCE,
+                TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES, PEEL)
 
         # Labels decide which rows count even without the hard term; on a GPU they are not
         # checked on the host (that would sync), so a label out of range makes its row NaN.
@@ -335,10 +383,11 @@ def _kd_rows_kernel(
 
         if WRITE_GRAD:
             coef_kd = tl.load(coefs_ptr) * inv_temp  # d(s / T)/ds = 1 / T
-            write_gradient(s_row, t_row, g_row, vocab, label, shift_s, shift_t, log_zs, log_zt, log_z1, inv_temp,
-                           inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix, mass_below, mass_above,
-                           coef_kd, tl.load(coefs_ptr + 1), nan_if_bad_label, w_small, log_w_small, jsd_c,
-                           jsd_split, w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T, BLOCK, NUM_STAGES)
+            write_gradient(s_span, t_span, g_span, lo, lo + vocab, lo + label, shift_s, shift_t, log_zs, log_zt,
+                           log_z1, inv_temp, inv_temp_t, s_scale, s_cap, t_scale, t_cap, kd, kl_student_mix,
+                           mass_below, mass_above, coef_kd, tl.load(coefs_ptr + 1), nan_if_bad_label, w_small,
+                           log_w_small, jsd_c, jsd_split, w_student, DIVERGENCE, HARD, TEACHER_IS_A, CAP_S, CAP_T,
+                           BLOCK, NUM_STAGES, PEEL)
 
 
 @triton.jit
@@ -371,6 +420,39 @@ def launch_config(vocab: int) -> LaunchConfig:
     return LaunchConfig(block, max(1, min(16, block // 256)))
 
 
+def _misalignment(x: torch.Tensor) -> int:
+    """How many entries x's first entry lies past the 16-byte boundary below it."""
+    return x.data_ptr() % 16 // x.element_size()
+
+
+def rows_aligned(x: torch.Tensor) -> bool:
+    """Whether every row of the (B, M, V) tensor x starts at a 16-byte boundary."""
+    per_16 = 16 // x.element_size()
+    return _misalignment(x) == 0 and x.stride(0) % per_16 == 0 and x.stride(1) % per_16 == 0
+
+
+def peel_rows(student, teacher, grad) -> bool:
+    """Whether the loss kernel is to read each row from the 16-byte boundary below its start, the first block
+    masked, the rest 16 bytes at a time: the student's rows do not all start at a boundary (logits[:, :-1] of
+    an odd V), and the teacher's and the gradient's rows lie as the student's (dtype, strides, misalignment),
+    as gradient_buffer lays the gradient out. Otherwise such rows are read 2 or 4 bytes at a time."""
+    if rows_aligned(student):
+        return False
+    return all(x is None or (x.dtype == student.dtype and x.stride() == student.stride()
+                             and _misalignment(x) == _misalignment(student)) for x in (teacher, grad))
+
+
+def gradient_buffer(student: torch.Tensor) -> torch.Tensor:
+    """A buffer for the student's gradient: contiguous, or laid out as the student's rows when they do not start
+    at 16-byte boundaries, so that the kernel reads and writes both 16 bytes at a time (peel_rows)."""
+    if rows_aligned(student) or student.numel() == 0:
+        return torch.empty_like(student, memory_format=torch.contiguous_format)
+    misalignment = _misalignment(student)
+    span = 1 + sum((n - 1) * stride for n, stride in zip(student.shape, student.stride()))
+    storage = torch.empty(misalignment + span, dtype=student.dtype, device=student.device)
+    return storage.as_strided(student.shape, student.stride(), misalignment)
+
+
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams, config: Optional[LaunchConfig] = None):
     n_batch, rows_per_batch, vocab = student.shape
     n_rows = n_batch * rows_per_batch
@@ -378,6 +460,7 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams, conf
     ce_rows = torch.empty_like(kd_rows)
     config = config or launch_config(vocab)
     g = grad if grad is not None else student  # not written when WRITE_GRAD is False
+    peel = peel_rows(student, teacher, grad) and config.block >= 16 // student.element_size()  # a whole head
     # Formed in double here: the kernel never rounds beta before taking 1 - beta.
     jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
     with on_device_of(student):
@@ -388,10 +471,11 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams, conf
             vocab, 1.0 / params.temperature, 1.0 / params.teacher_temperature, params.ignore_index,
             jsd.w_small, jsd.log_w_small, jsd.c, jsd.split, jsd.teacher, jsd.student,
             params.student_scale, params.student_cap, params.teacher_scale, params.teacher_cap,
+            _misalignment(student),
             DIVERGENCE=params.divergence, HARD=params.hard, HAS_LABELS=labels is not None,
             WRITE_GRAD=grad is not None, TEACHER_IS_A=jsd.teacher_is_a, CAP_S=params.student_cap > 0,
-            CAP_T=params.teacher_cap > 0, BLOCK=config.block, NUM_STAGES=config.num_stages,
-            num_warps=config.num_warps,
+            CAP_T=params.teacher_cap > 0, BLOCK=config.block, NUM_STAGES=config.num_stages, PEEL=peel,
+            ALIGN=16 // student.element_size(), num_warps=config.num_warps,
         )
     return kd_rows, ce_rows
 
@@ -429,8 +513,8 @@ def _shard_stats_kernel(s_ptr, t_ptr, out_ptr, n_rows, rows_per_batch, s_stride_
                         t_stride_m, width, inv_temp, inv_temp_t, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
                         BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     row, s_row, t_row = _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m)
-    m_s, m_t, z_s, z_t, cross, z1 = online_softmax(s_row, t_row, width, inv_temp, inv_temp_t, 1.0, 0.0, 1.0, 0.0,
-                                                   DIVERGENCE, HARD, False, False, BLOCK, NUM_STAGES)
+    m_s, m_t, z_s, z_t, cross, z1 = online_softmax(s_row, t_row, 0, width, inv_temp, inv_temp_t, 1.0, 0.0, 1.0,
+                                                   0.0, DIVERGENCE, HARD, False, False, BLOCK, NUM_STAGES)
     # A NaN in the slice makes its maximum NaN, as torch's amax does (tl.maximum may skip it).
     tl.store(out_ptr + row, tl.where(z_s == z_s, m_s, float("nan")))
     tl.store(out_ptr + n_rows + row, tl.where(z_t == z_t, m_t, float("nan")))
@@ -449,7 +533,7 @@ def _shard_mixture_kernel(s_ptr, t_ptr, rows_ptr, out_ptr, n_rows, rows_per_batc
     row_values = rows_ptr + row
     # With weights (1, 0) mixture_terms's kd is the slice's KL(p_t || m); tvd's kd is its 0.5 sum |p_t - p_s|.
     kd, kl_student_mix, mass_below, mass_above = mixture_terms(
-        s_row, t_row, width, tl.load(row_values + SHIFT_S * n_rows), tl.load(row_values + SHIFT_T * n_rows),
+        s_row, t_row, 0, width, tl.load(row_values + SHIFT_S * n_rows), tl.load(row_values + SHIFT_T * n_rows),
         tl.load(row_values + OFFSET_S * n_rows), tl.load(row_values + OFFSET_T * n_rows), inv_temp,
         inv_temp_t, 1.0, 0.0, 1.0, 0.0, w_small, log_w_small, jsd_c, jsd_split, 1.0, 0.0, DIVERGENCE, TEACHER_IS_A,
         False, False, BLOCK, NUM_STAGES)
@@ -469,7 +553,7 @@ def _shard_gradient_kernel(s_ptr, t_ptr, g_ptr, labels_ptr, rows_ptr, n_rows, ro
         fill_row(g_row, width, BLOCK)
     else:
         row_values = rows_ptr + row
-        write_gradient(s_row, t_row, g_row, width, tl.load(labels_ptr + row),
+        write_gradient(s_row, t_row, g_row, 0, width, tl.load(labels_ptr + row),
                        tl.load(row_values + SHIFT_S * n_rows), tl.load(row_values + SHIFT_T * n_rows),
                        tl.load(row_values + OFFSET_S * n_rows), tl.load(row_values + OFFSET_T * n_rows),
                        tl.load(row_values + OFFSET_S1 * n_rows), inv_temp, inv_temp_t, 1.0, 0.0, 1.0, 0.0,
@@ -529,5 +613,5 @@ def vocab_shard_gradient(student, teacher, labels, grad, rows, params: KernelPar
 # Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors: the CPU test-suite's way in.
 BACKEND = Backend("triton", ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
                   (torch.float32, torch.bfloat16, torch.float16), unavailable_reason, kd_forward,
-                  sparse_kd_forward=sparse_kd_forward, scale_grad_=scale_grad_,
+                  sparse_kd_forward=sparse_kd_forward, scale_grad_=scale_grad_, gradient_buffer=gradient_buffer,
                   vocab_shard=VocabShardKernels(vocab_shard_stats, vocab_shard_mixture, vocab_shard_gradient))
