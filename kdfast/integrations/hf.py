@@ -18,6 +18,13 @@ KD loss when both models allow it, else kd_loss on their logits: kdfast.train.lm
 first step, on the model as the Trainer has wrapped it (an FSDP-sharded model takes the logits
 path). Logs gain the two parts of the loss, ``kd`` and ``hard``.
 
+Under FSDP the teacher is sharded as the student: when the Trainer runs FSDP, KDTrainer does not move
+the teacher to the device, and at the first step whose model is FSDP-sharded it shards the teacher
+with FSDP2 (each transformer block, then the root, on the student's device mesh, in the parameter
+dtype of the Trainer's FSDP mixed precision), frozen, in eval mode, resharded after each forward.
+Every process must hold the same teacher weights (they are not broadcast); a teacher the caller
+sharded is left as it is.
+
 From a teacher cache (kdfast.train.teacher_cache), with no teacher model::
 
     cache, windows = TeacherCache("runs/teacher-cache"), TokenWindows(tokens, context=128)
@@ -43,7 +50,8 @@ from kdfast import LossOptions
 
 from ..train.config import require
 from ..train.data import TokenWindows
-from ..train.lm import LMDistillLoss, check_loss_path, choose_loss_path, choose_sparse_loss_path
+from ..train.lm import LMDistillLoss, check_loss_path, choose_loss_path, choose_sparse_loss_path, is_sharded
+from ..train.runtime import shard_blocks_then_root
 from ..train.teacher_cache import TeacherCache
 
 transformers = require("transformers", "hf", "kdfast.integrations.hf")
@@ -154,8 +162,11 @@ class KDTrainer(transformers.Trainer):
         if teacher_cache is not None:
             teacher_cache.check(temperature=self.loss_options.temperature)
         self.teacher_cache = teacher_cache
-        self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False) \
-            if teacher_model is not None else None
+        if teacher_model is not None:
+            teacher_model = teacher_model.eval().requires_grad_(False)
+            if not self.is_fsdp_enabled:  # under FSDP it is sharded at the first step (_place_teacher), not copied
+                teacher_model = teacher_model.to(self.args.device)
+        self.teacher_model = teacher_model
         # Chosen in compute_loss, on the model the Trainer passes there: it wraps (and FSDP shards) the model
         # given here only later, and a sharded output embedding rules out the fused path.
         self.distill_loss: Optional[LMDistillLoss] = None
@@ -208,9 +219,38 @@ class KDTrainer(transformers.Trainer):
                              f" (e.g. from a TeacherCacheCollator); this one has {sorted(inputs)}")
         return {key: inputs[key] for key in TEACHER_KEYS}
 
+    def _teacher_param_dtype(self) -> Optional[torch.dtype]:
+        """The parameter dtype of the Trainer's FSDP mixed precision: accelerate's FSDP plugin holds the policy it
+        gives FSDP (public, None: no mixed precision); without the Trainer's FSDP, that of args.bf16 / fp16."""
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        if plugin is not None:
+            return getattr(plugin.mixed_precision_policy, "param_dtype", None)
+        return torch.bfloat16 if self.args.bf16 else torch.float16 if self.args.fp16 else None
+
+    def _place_teacher(self, model: torch.nn.Module) -> None:
+        """Shards the teacher as the student when FSDP shards the student and not yet the teacher (else, under the
+        Trainer's FSDP, moves it to the device whole, as without FSDP)."""
+        if self.teacher_model is None or is_sharded(self.teacher_model):
+            return
+        if not is_sharded(model):
+            if self.is_fsdp_enabled:
+                self.teacher_model.to(self.args.device)
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        from torch.distributed.tensor import DTensor
+
+        meshes = [p.device_mesh for p in model.parameters() if isinstance(p, DTensor)]
+        # FSDP1 (flat parameters, no DTensors) shards over every process.
+        mesh = meshes[0] if meshes else init_device_mesh(self.args.device.type, (self.args.world_size,))
+        # Forward only: the root reshards after its forward too, so the teacher stays sharded between steps.
+        shard_blocks_then_root(self.teacher_model, mesh, MixedPrecisionPolicy(param_dtype=self._teacher_param_dtype()),
+                               root_reshards=True)
+
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         teacher = self._teacher_inputs(inputs)
         if model is not self._distill_loss_model:
+            self._place_teacher(model)
             if self.teacher_cache is not None:
                 path = choose_sparse_loss_path(model, self.teacher_cache.vocab_size, self.loss_options,
                                                self.loss_path)

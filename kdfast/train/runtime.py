@@ -1,5 +1,5 @@
 """What a training process needs from its surroundings: the process group under torchrun,
-the device, peak memory, the metrics log and the progress bar."""
+the device, FSDP sharding, peak memory, the metrics log and the progress bar."""
 
 from __future__ import annotations
 
@@ -36,6 +36,30 @@ def leave_distributed(finished: bool = True) -> None:
     if finished:
         dist.barrier()
     dist.destroy_process_group()
+
+
+def shard_blocks_then_root(model: torch.nn.Module, mesh, policy, root_reshards: bool) -> None:
+    """FSDP2's fully_shard on each transformer block (the classes the model's ``_no_split_modules`` names, else
+    its ``blocks``), then on the root, on ``mesh`` with the MixedPrecisionPolicy ``policy``. root_reshards: the
+    root's parameters are resharded after its forward too (FSDP's default keeps them for the backward), as a
+    model used only forward (a teacher) needs."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = ([m for m in model.modules() if type(m).__name__ in names] if names
+              else list(getattr(model, "blocks", None) or ()))
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if root_reshards else None)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Reshards every FSDP2 module of the model: what a no-grad forward may have left whole."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -37,7 +37,8 @@ from .checkpoint import (STATE, begin_checkpoint, checkpoints, ensure_writable_d
 from .data import TokenWindows
 from .lm import (LMDistillLoss, check_loss_path, choose_loss_path, choose_sparse_loss_path, evaluate_models,
                  is_sharded)
-from .runtime import MetricsLog, init_distributed, peak_memory, progress_bar, reset_peak_memory, resolve_device
+from .runtime import (MetricsLog, init_distributed, peak_memory, progress_bar, reset_peak_memory, reshard,
+                      resolve_device, shard_blocks_then_root)
 from .teacher_cache import TeacherCache
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}  # autocast dtype of each precision setting
@@ -231,7 +232,7 @@ class DistillTrainer:
         """fully_shard on each transformer block, then on the root, from rank 0's weights. root_reshards: the
         root's parameters are resharded after its forward too (FSDP's default keeps them for the backward)."""
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -240,21 +241,13 @@ class DistillTrainer:
         mesh = init_device_mesh(self.device.type, (self.world,))
         dtype = PRECISIONS[self.cfg.precision]
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
-        names = set(getattr(model, "_no_split_modules", None) or ())
-        blocks = ([m for m in model.modules() if type(m).__name__ in names] if names
-                  else list(getattr(model, "blocks", None) or ()))
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if root_reshards else None)
+        shard_blocks_then_root(model, mesh, policy, root_reshards)
 
     def _reshard(self) -> None:
         """Reshards what a no-grad forward (the start-up probe, evaluation) left whole."""
-        from torch.distributed.fsdp import FSDPModule
-
         for model in (self.student, self.teacher):
-            for module in model.modules() if model is not None else ():
-                if isinstance(module, FSDPModule):
-                    module.reshard()
+            if model is not None:
+                reshard(model)
 
     def student_state_dict(self) -> Optional[dict]:
         """The student's whole state dict on rank 0, None on the others; every process must call it (under FSDP

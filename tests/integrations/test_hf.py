@@ -160,20 +160,68 @@ def test_the_trainer_refuses_softcap_in_its_loss_options():
         choose_loss_path(ARCHITECTURES["gemma2"](), ARCHITECTURES["gemma2"](), LossOptions(softcap=30.0))
 
 
-@pytest.mark.slow
-def test_kd_trainer_chooses_its_path_on_the_model_fsdp_sharded_after_it_was_built(tmp_path):
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """The two gloo processes of hf_fsdp_worker.py: their results, one per rank."""
+    out_dir = tmp_path_factory.mktemp("hf_fsdp")
     env = {**os.environ, "PYTHONPATH": str(Path(kdfast.__file__).parent.parent), "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    str(FSDP_WORKER), str(tmp_path)], check=True, env=env, timeout=120)
+                    str(FSDP_WORKER), str(out_dir)], check=True, env=env, timeout=120)
+    return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.mark.slow
+def test_kd_trainer_chooses_its_path_on_the_model_fsdp_sharded_after_it_was_built(fsdp_run):
     teacher, student, input_ids = models_and_batch()  # one process, nothing sharded
+    labels = input_ids[:, 1:]
     single = kdfast.kd_loss(student(input_ids).logits[:, :-1], teacher(input_ids).logits[:, :-1].detach(),
-                            labels=input_ids[:, 1:], **FSDP_KD).item()
-    for rank in range(2):
-        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+                            labels=labels, **FSDP_KD)
+    single.backward()  # the workers' step: SGD, each rank's gradient that of the same batch
+    torch.optim.SGD(student.parameters(), lr=0.1).step()
+    with torch.no_grad():
+        single_after = kdfast.kd_loss(student(input_ids).logits[:, :-1], teacher(input_ids).logits[:, :-1],
+                                      labels=labels, **FSDP_KD)
+    for result in fsdp_run:
         assert result["path"] == "logits"
         assert result["loss"] == pytest.approx(result["expected"], rel=1e-5)
-        assert result["loss"] == pytest.approx(single, rel=1e-5)
+        assert result["loss"] == pytest.approx(single.item(), rel=1e-5)
+        assert result["after"] == pytest.approx(single_after.item(), rel=1e-5)
         assert result["after"] < result["loss"]  # it trains
+
+
+@pytest.mark.slow
+def test_kd_trainer_shards_the_teacher_as_the_fsdp_sharded_student(fsdp_run):
+    teacher = models_and_batch()[0]
+    whole = sum(p.numel() * p.element_size() for p in teacher.parameters())
+    names = {name for name, _ in teacher.named_parameters()}
+    for rank, result in enumerate(fsdp_run):
+        state = result["teacher"]
+        assert state["whole_bytes"] == whole  # KDTrainer left it whole until the first step
+        assert state["sharded_bytes"] == pytest.approx(whole / 2, rel=0.02)
+        assert state["resharded"] and state["resharded_after_step"]  # only shards held between steps
+        assert not state["training"]
+        assert set(state["parameters"]) == names
+        for name, p in state["parameters"].items():
+            assert p["dtensor"] and p["students_mesh"] and not p["requires_grad"], name
+            assert p["placements"] == ["Shard(dim=0)"], name
+            # torch.chunk's rows: the first rank ceil(rows / 2), the second the rest
+            half = -(-p["rows"] // 2)
+            assert p["local_rows"] == (half if rank == 0 else p["rows"] - half), name
+    assert sum(result["teacher"]["sharded_bytes"] for result in fsdp_run) == whole
+
+
+def test_kd_trainer_moves_a_whole_teacher_to_the_device_without_fsdp(tmp_path):
+    from torch.distributed.tensor import DTensor
+
+    teacher, student, _ = models_and_batch()
+    shapes = {name: p.shape for name, p in teacher.named_parameters()}
+    trainer = KDTrainer(model=student, teacher_model=teacher.train(), loss_options=FSDP_KD,
+                        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    assert not trainer.is_fsdp_enabled
+    assert trainer.teacher_model is teacher and not teacher.training
+    for name, p in teacher.named_parameters():
+        assert not isinstance(p, DTensor) and p.shape == shapes[name] and not p.requires_grad, name
+        assert p.device == trainer.args.device, name
 
 
 def test_hf_models_train_in_the_kdfast_trainer(tmp_path):
