@@ -37,7 +37,8 @@ def test_dry_run_stays_within_its_budget_and_returns_at_most_8_files(tmp_path):
     assert 1 <= len(files) <= 8, files
     assert all(NAME.match(p.name) and len(p.relative_to(out).parts) <= 3 for p in files), files
     summary = (out / "summary.md").read_text()
-    for step in ("cases_triton", "backends", "tests_edge", "tests_full", "bench_gpu-core", "bench_sparse"):
+    for step in ("cases_triton", "backends", "tests_edge", "tests_full", "bench_gpu-core", "bench_sparse",
+                 "tests_vocab_parallel", "vocab_parallel"):
         assert f"| {step} |" in summary, step
     assert "| FAIL |" not in summary and "| TIMEOUT |" not in summary
     assert (out / "logs.tar.gz").stat().st_size > 0
