@@ -30,8 +30,8 @@ The per-shard work of vocab_parallel_kd_loss is the backend's ``vocab_shard`` ke
 (kdfast.backends): Triton's on a GPU, the C++ kernel's on a CPU (one program or thread per row: a
 sweep over the slice for the statistics, one for the gradient, and one more for jsd's and tvd's
 mixture sums), the torch backend's chunked ops for float64. That of vocab_parallel_sparse_kd_loss
-is torch ops. The widths
-are read on the host after the first collective: one device sync per call on a GPU.
+is torch ops. The widths are read on the host after the first collective: one device sync per call
+on a GPU.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from .backends import FORWARD_KL, JSD, REVERSE_KL, SHARD_ROWS, SHARD_STATS, TVD, compute_dtype, jsd_weights
 from .backends.registry import backend, resolve_backend
-from .backends.torch_fallback import centred, row_chunks, sparse_chunk, vocab_shard_stats
+from .backends.torch_fallback import centred, row_chunks, shift_of, sparse_chunk, vocab_shard_stats
 from .inputs import as_rows, check_inplace, check_labels, check_logits, check_num_items, check_same_tokens
 from .ops import GradientInForward, gradient_buffer
 from .options import LossOptions, loss_options
@@ -144,9 +144,8 @@ class _Global:
     @staticmethod
     def _offsets(slice_max: Tensor, row_max: Tensor, slice_sum: Tensor, inv_temp: float) -> tuple[Tensor, Tensor]:
         """(c_k per slice, log Z) for sums of exp((x - max_k) * inv_temp); an all -inf slice has c_k = inf."""
-        shift = torch.where(slice_max == -math.inf, 0.0, slice_max)
         log_z = (slice_sum * ((slice_max - row_max) * inv_temp).exp()).sum(0).log()
-        return (row_max - shift) * inv_temp + log_z, log_z
+        return (row_max - shift_of(slice_max)) * inv_temp + log_z, log_z
 
     def kl_from_cross(self, c_p: Tensor, c_q: Tensor, sums_p: Tensor) -> Tensor:
         """KL(p || q) per row from each slice's cross = sum e^x (x - y), x and y the centred, scaled
@@ -158,14 +157,12 @@ class _Global:
         terms = mass * self.g["cross"] + slice_mass * (c_q - c_p)
         return torch.where(slice_mass > 0, terms, 0.0).sum(0)
 
-    def log_probs(self, x: Tensor, side: str, rank: int, rows: slice, inv_temp: float) -> Tensor:
-        """The log-probabilities of this rank's logits x (flat rows rows, any trailing width) from the global
-        offsets: the student's ("s"), the teacher's ("t"), or the student's at T = 1 for the hard labels
-        ("s1", with inv_temp 1)."""
+    def student_log_probs(self, x: Tensor, rank: int, rows: slice, inv_temp: float) -> Tensor:
+        """The log-probabilities of this rank's student logits x (flat rows rows, any trailing width) from the
+        global offsets: at the temperature, or at T = 1 for the hard labels (inv_temp 1)."""
         dtype = x.dtype
-        row_max = self.g["max_t" if side == "t" else "max_s"][rank, rows].to(dtype)
-        offsets = self.c_t if side == "t" else self.c_s1 if side == "s1" else self.c_s
-        return centred(x, row_max, inv_temp).sub_(offsets[rank, rows, None].to(dtype))
+        offsets = self.c_s1 if inv_temp == 1.0 else self.c_s  # c_s1 is c_s at T = 1
+        return centred(x, self.g["max_s"][rank, rows].to(dtype), inv_temp).sub_(offsets[rank, rows, None].to(dtype))
 
     def shard_rows(self, rank: int) -> Tensor:
         """The (len(SHARD_ROWS), rows) float64 values of the vocab_shard kernels, with this rank's shifts and
@@ -173,8 +170,7 @@ class _Global:
         rows = torch.zeros(len(SHARD_ROWS), self.max_s.shape[0], dtype=torch.float64, device=self.max_s.device)
         for name, side, offsets in (("s", "max_s", self.c_s), ("t", "max_t", self.c_t), ("s1", None, self.c_s1)):
             if side is not None:
-                row_max = self.g[side][rank]
-                rows[SHARD_ROWS.index(f"shift_{name}")] = torch.where(row_max == -math.inf, 0.0, row_max)
+                rows[SHARD_ROWS.index(f"shift_{name}")] = shift_of(self.g[side][rank])
             rows[SHARD_ROWS.index(f"offset_{name}")] = offsets[rank]
         return rows
 
@@ -209,7 +205,7 @@ class _HardLabels:
     def add_gradient(self, g: Tensor, s: Tensor, glob: _Global, rank: int, rows: slice) -> None:
         """g += coef * (softmax(s) - onehot(label)) on the chunk s of flat rows rows."""
         dtype = s.dtype
-        p1 = glob.log_probs(s, "s1", rank, rows, 1.0)
+        p1 = glob.student_log_probs(s, rank, rows, 1.0)
         p1 = p1.exp_().scatter_add_(-1, self.local[rows, None], -self.owned[rows, None].to(dtype))
         g.add_(p1.mul_(self.coef.to(dtype)))
 
@@ -434,11 +430,11 @@ def _sparse_forward(student: Tensor, teacher_ids: Tensor, teacher_logprobs: Tens
             s = student[b, positions].to(dtype)
             in_ids = torch.zeros(s.shape[0], width + 1, dtype=torch.bool, device=device)
             in_ids = in_ids.scatter_(-1, slot[rows], True)[:, :width]
-            yield s, glob.log_probs(s, "s", rank, rows, inv_temp), in_ids, b, positions, rows
+            yield s, glob.student_log_probs(s, rank, rows, inv_temp), in_ids, b, positions, rows
 
     for s, log_p, in_ids, b, positions, rows in chunks():
         picked = student[b, positions].gather(-1, torch.where(owned[rows], local_ids[rows], 0)).double()
-        log_pk[:, rows] = torch.where(owned[rows], glob.log_probs(picked, "s", rank, rows, inv_temp), 0.0).T
+        log_pk[:, rows] = torch.where(owned[rows], glob.student_log_probs(picked, rank, rows, inv_temp), 0.0).T
         log_rest[rows] = log_p.masked_fill(in_ids, -math.inf).logsumexp(-1).double()
         n_rest[rows] = (~in_ids).sum(-1)
     second = [log_pk, log_rest[None], n_rest[None]] + ([hard_labels.logit[None]] if hard else [])

@@ -291,10 +291,14 @@ def sparse_kd_forward(student, ids, logprobs, labels, grad, coefs, params):
 
 # --- the vocabulary-parallel loss's per-shard kernels (kdfast.distributed; the contract in kdfast.backends) ---
 
+def shift_of(row_max: torch.Tensor) -> torch.Tensor:
+    """What a row is centred by: its maximum, or 0 where that is -inf (so that -inf - shift stays -inf, not NaN)."""
+    return torch.where(row_max == -math.inf, 0.0, row_max)
+
+
 def centred(x: torch.Tensor, row_max: torch.Tensor, scale: float) -> torch.Tensor:
-    """(x - max) * scale per row; a row whose max is -inf is shifted by 0 (it stays -inf)."""
-    shift = torch.where(row_max == -math.inf, 0.0, row_max)
-    return (x - shift[:, None]).mul_(scale)
+    """(x - shift_of(max)) * scale per row."""
+    return (x - shift_of(row_max)[:, None]).mul_(scale)
 
 
 def vocab_shard_stats(student, teacher, params: KernelParams) -> torch.Tensor:

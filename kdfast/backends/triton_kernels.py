@@ -391,12 +391,18 @@ def _kd_rows_kernel(
 
 
 @triton.jit
+def row_start(ptr, row, rows_per_batch, stride_b, stride_m):
+    """The first entry of flat row `row` of a (B, M, V) tensor with strides (stride_b, stride_m, 1)."""
+    return ptr + (row // rows_per_batch) * stride_b + (row % rows_per_batch) * stride_m
+
+
+@triton.jit
 def _scale_rows_kernel(g_ptr, scale_ptr, rows_per_batch, stride_b, stride_m, vocab,
                        PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     scale = tl.load(scale_ptr + row) if PER_ROW else tl.load(scale_ptr)
     if scale != 1.0:  # the usual loss.backward(): nothing to do, and no host sync to find out
-        g_row = g_ptr + (row // rows_per_batch) * stride_b + (row % rows_per_batch) * stride_m
+        g_row = row_start(g_ptr, row, rows_per_batch, stride_b, stride_m)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < vocab
         g = tl.load(g_row + offs, mask=mask).to(tl.float32)
@@ -453,6 +459,12 @@ def gradient_buffer(student: torch.Tensor) -> torch.Tensor:
     return storage.as_strided(student.shape, student.stride(), misalignment)
 
 
+def _kernel_jsd_weights(params: KernelParams):
+    """The jsd weights the kernels take (unused but for jsd). Formed in double here: the kernel never rounds
+    beta before taking 1 - beta."""
+    return jsd_weights(params.beta if params.divergence == JSD else 0.5)
+
+
 def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams, config: Optional[LaunchConfig] = None):
     n_batch, rows_per_batch, vocab = student.shape
     n_rows = n_batch * rows_per_batch
@@ -461,8 +473,7 @@ def kd_forward(student, teacher, labels, grad, coefs, params: KernelParams, conf
     config = config or launch_config(vocab)
     g = grad if grad is not None else student  # not written when WRITE_GRAD is False
     peel = peel_rows(student, teacher, grad) and config.block >= 16 // student.element_size()  # a whole head
-    # Formed in double here: the kernel never rounds beta before taking 1 - beta.
-    jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
+    jsd = _kernel_jsd_weights(params)
     with on_device_of(student):
         _kd_rows_kernel[(n_rows,)](
             student, teacher, g, labels if labels is not None else kd_rows, coefs.float(), kd_rows, ce_rows,
@@ -504,8 +515,8 @@ def scale_grad_(grad, grad_output) -> None:
 def _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m):
     """(row, its student slice, its teacher slice) of this program."""
     row = tl.program_id(0).to(tl.int64)
-    batch, pos = row // rows_per_batch, row % rows_per_batch
-    return row, s_ptr + batch * s_stride_b + pos * s_stride_m, t_ptr + batch * t_stride_b + pos * t_stride_m
+    return (row, row_start(s_ptr, row, rows_per_batch, s_stride_b, s_stride_m),
+            row_start(t_ptr, row, rows_per_batch, t_stride_b, t_stride_m))
 
 
 @triton.jit
@@ -548,7 +559,7 @@ def _shard_gradient_kernel(s_ptr, t_ptr, g_ptr, labels_ptr, rows_ptr, n_rows, ro
                            log_w_small, jsd_c, jsd_split, w_student, DIVERGENCE: tl.constexpr, HARD: tl.constexpr,
                            TEACHER_IS_A: tl.constexpr, BLOCK: tl.constexpr, NUM_STAGES: tl.constexpr):
     row, s_row, t_row = _slice_rows(s_ptr, t_ptr, rows_per_batch, s_stride_b, s_stride_m, t_stride_b, t_stride_m)
-    g_row = g_ptr + (row // rows_per_batch) * g_stride_b + (row % rows_per_batch) * g_stride_m
+    g_row = row_start(g_ptr, row, rows_per_batch, g_stride_b, g_stride_m)
     if tl.load(rows_ptr + IGNORED * n_rows + row) != 0:  # not read: a zero gradient, whatever the row holds
         fill_row(g_row, width, BLOCK)
     else:
@@ -570,10 +581,10 @@ def _slice_args(student, teacher) -> tuple:
             teacher.stride(1))
 
 
-def vocab_shard_stats(student, teacher, params: KernelParams, config: Optional[LaunchConfig] = None):
+def vocab_shard_stats(student, teacher, params: KernelParams):
     n_rows, width = student.shape[0] * student.shape[1], student.shape[2]
     out = torch.empty(len(SHARD_STATS), n_rows, dtype=torch.float32, device=student.device)
-    config = config or launch_config(width)
+    config = launch_config(width)
     with on_device_of(student):
         _shard_stats_kernel[(n_rows,)](
             student, teacher, out, *_slice_args(student, teacher), width, 1.0 / params.temperature,
@@ -582,11 +593,11 @@ def vocab_shard_stats(student, teacher, params: KernelParams, config: Optional[L
     return out
 
 
-def vocab_shard_mixture(student, teacher, rows, params: KernelParams, config: Optional[LaunchConfig] = None):
+def vocab_shard_mixture(student, teacher, rows, params: KernelParams):
     n_rows, width = student.shape[0] * student.shape[1], student.shape[2]
     out = torch.empty(3, n_rows, dtype=torch.float32, device=student.device)
-    config = config or launch_config(width)
-    jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
+    config = launch_config(width)
+    jsd = _kernel_jsd_weights(params)
     with on_device_of(student):
         _shard_mixture_kernel[(n_rows,)](
             student, teacher, rows.float().contiguous(), out, *_slice_args(student, teacher), width,
@@ -596,11 +607,10 @@ def vocab_shard_mixture(student, teacher, rows, params: KernelParams, config: Op
     return out
 
 
-def vocab_shard_gradient(student, teacher, labels, grad, rows, params: KernelParams,
-                         config: Optional[LaunchConfig] = None) -> None:
+def vocab_shard_gradient(student, teacher, labels, grad, rows, params: KernelParams) -> None:
     n_rows, width = student.shape[0] * student.shape[1], student.shape[2]
-    config = config or launch_config(width)
-    jsd = jsd_weights(params.beta if params.divergence == JSD else 0.5)
+    config = launch_config(width)
+    jsd = _kernel_jsd_weights(params)
     with on_device_of(student):
         _shard_gradient_kernel[(n_rows,)](
             student, teacher, grad, labels, rows.float().contiguous(), *_slice_args(student, teacher),
